@@ -1,0 +1,111 @@
+"""AdaFace inverter checkpoints: one safetensors file whose metadata holds the configuration.
+
+The loader builds the inverter at the stored attention multipliers first (expanded layers have
+larger key/value projections), then checks every tensor's shape against that configuration, so a
+file loads with no side files and a mismatch is named rather than half-loaded.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .errors import CheckpointError, ModelFileMissingError
+from .inverter import InverterConfig, PromptInverter
+from .weights import load_checked
+
+logger = logging.getLogger(__name__)
+
+FORMAT_NAME = "adaface-inverter"
+FORMAT_VERSION = "1"
+
+
+def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Union[str, Path], metadata: dict[str, str]) -> Path:
+    """Writes to a temporary file in the same folder, then renames: a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def save_inverter(
+    inverter: PromptInverter,
+    path: Union[str, Path],
+    extra_metadata: Optional[dict[str, str]] = None,
+    dtype: Optional[torch.dtype] = None,
+) -> Path:
+    """Saves weights and configuration in one file (atomically); ``dtype`` casts floating tensors."""
+    tensors = {
+        k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v) for k, v in inverter.state_dict().items()
+    }
+    metadata = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "config": inverter.config.to_json()}
+    metadata.update(extra_metadata or {})
+    return atomic_save_safetensors(tensors, path, metadata)
+
+
+def read_metadata(path: Union[str, Path]) -> dict[str, str]:
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileMissingError(f"AdaFace checkpoint not found: {path}")
+    if path.suffix in (".pt", ".ckpt", ".bin", ".pth"):
+        raise CheckpointError(
+            f"{path.name} is a pickled checkpoint (the official release format). Convert it once with "
+            f"`python -m adaface_core.convert {path.name} {path.stem}.safetensors`; pickles are never loaded directly."
+        )
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({exc}); it may be truncated or corrupt") from exc
+    if metadata.get("format") != FORMAT_NAME:
+        raise CheckpointError(
+            f"{path.name} is a safetensors file but not an AdaFace inverter checkpoint "
+            f"(metadata format={metadata.get('format')!r}, expected {FORMAT_NAME!r})"
+        )
+    if metadata.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path.name} has checkpoint format version {metadata.get('format_version')!r}; "
+            f"this version of ComfyUI-AdaFace reads version {FORMAT_VERSION}"
+        )
+    return metadata
+
+
+def load_inverter(
+    path: Union[str, Path],
+    device: Union[str, torch.device] = "cpu",
+    dtype: Optional[torch.dtype] = None,
+) -> PromptInverter:
+    """Rebuilds the inverter from the file's configuration and loads its weights, checking every shape."""
+    path = Path(path)
+    metadata = read_metadata(path)
+    try:
+        config = InverterConfig.from_json(metadata["config"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path.name} has a malformed configuration in its metadata: {exc}") from exc
+    inverter = PromptInverter(config)
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            state = {key: handle.get_tensor(key) for key in handle.keys()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot read tensors from {path}: {exc}") from exc
+    load_checked(inverter, state, path.name)
+    logger.info("loaded AdaFace inverter %s (multipliers %s)", path.name, config.attention_multipliers)
+    inverter = inverter.to(device)
+    if dtype is not None:
+        inverter = inverter.to(dtype)
+    return inverter.eval()

@@ -1,0 +1,29 @@
+"""Errors a user can act on: each message says what was expected and where."""
+
+
+class AdaFaceError(Exception):
+    """Base class for every error this package raises on purpose."""
+
+
+class ModelFileMissingError(AdaFaceError, FileNotFoundError):
+    """A model file or folder is not where it must be put by hand (nothing is ever downloaded)."""
+
+
+class NoFaceError(AdaFaceError, ValueError):
+    """No face was found in any of the given photos."""
+
+
+class CheckpointError(AdaFaceError, ValueError):
+    """A checkpoint is corrupt, of an unknown format, or does not match its configuration."""
+
+
+class UnsafePickleError(CheckpointError):
+    """A pickle asked for something the restricted unpickler will not create or call."""
+
+
+class PlaceholderError(AdaFaceError, ValueError):
+    """A prompt lacks the placeholder word that marks where the subject goes."""
+
+
+class ConfigError(AdaFaceError, ValueError):
+    """A configuration value is missing, malformed or inconsistent."""

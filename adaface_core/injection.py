@@ -1,0 +1,184 @@
+"""Putting subject tokens where the placeholder word stands, at the text encoder's input-embedding level.
+
+Two front ends share one idea (AdaFace's in-place replacement, DESIGN §2.6):
+- ``inject_into_chunks`` edits token entries in ComfyUI's shape: chunks of exactly 77
+  ``(token, weight[, word_id])`` entries, a token being an int id or a ``[H]`` tensor that the
+  text encoder splices in as an input embedding. Chunks stay 77 long and a subject's N tokens
+  never straddle two chunks, so position embeddings line up as in a plain prompt.
+- ``splice_subject_embeds`` does the same on batched ``[B, 77, H]`` token embeddings (the trainer).
+Nothing after the text encoder changes, which is why any sampler or AnimateDiff works unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from .errors import ConfigError, PlaceholderError
+
+Entry = tuple  # (token, weight) or (token, weight, word_id)
+
+
+@dataclass(frozen=True)
+class SpecialTokens:
+    start: int
+    end: int
+    pad: int
+
+    @classmethod
+    def from_empty_chunk(cls, chunk: Sequence[Entry]) -> "SpecialTokens":
+        """Reads start/end/pad ids from the tokenization of an empty prompt: ``[start, end, pad, ...]``."""
+        return cls(int(chunk[0][0]), int(chunk[1][0]), int(chunk[2][0]))
+
+
+@dataclass(frozen=True)
+class SubjectSlot:
+    """A subject to place: the placeholder's token ids and the ``[N, H]`` tokens that replace it."""
+
+    placeholder: str
+    placeholder_ids: tuple[int, ...]
+    tokens: torch.Tensor
+
+
+def _token_id(entry: Entry) -> Any:
+    token = entry[0]
+    return token if isinstance(token, int) else None
+
+
+def _find(content: list[Entry], ids: tuple[int, ...], start: int) -> int:
+    n = len(ids)
+    for i in range(start, len(content) - n + 1):
+        if all(_token_id(content[i + k]) == ids[k] for k in range(n)):
+            return i
+    return -1
+
+
+def _subject_entries(slot: SubjectSlot, like: Entry) -> list[Entry]:
+    """One entry per subject token, carrying the placeholder's weight (and word id)."""
+    tail = tuple(like[1:])
+    return [(vector, *tail) for vector in slot.tokens.unbind(0)]
+
+
+def _replace_in_content(content: list[Entry], slots: Sequence[SubjectSlot], found: set[str]) -> list[list[Entry]]:
+    """Splits content into units (subject groups are atomic), replacing every placeholder occurrence.
+
+    Adds the placeholder of each slot that occurred to ``found``.
+    """
+    units: list[list[Entry]] = [[entry] for entry in content]
+    for slot in slots:
+        flat = [e for unit in units for e in unit]
+        owner = [u for u, unit in enumerate(units) for _ in unit]
+        new_units: list[list[Entry]] = []
+        i = 0
+        pos = _find(flat, slot.placeholder_ids, 0)
+        while pos >= 0:
+            # Keep the units before the match as they were.
+            while i < pos:
+                unit = units[owner[i]]
+                new_units.append(unit)
+                i += len(unit)
+            new_units.append(_subject_entries(slot, flat[pos]))
+            found.add(slot.placeholder)
+            i = pos + len(slot.placeholder_ids)
+            pos = _find(flat, slot.placeholder_ids, i)
+        while i < len(flat):
+            unit = units[owner[i]]
+            new_units.append(unit)
+            i += len(unit)
+        units = new_units
+    return units
+
+
+def _pack(units: list[list[Entry]], special: SpecialTokens, length: int, width: int) -> list[list[Entry]]:
+    """Greedily packs units into chunks of ``length`` entries; atomic units never straddle chunks."""
+    capacity = length - 2
+    chunks: list[list[Entry]] = [[]]
+    for unit in units:
+        if len(unit) > capacity:
+            raise ConfigError(f"{len(unit)} subject tokens cannot fit one {length}-token chunk")
+        if len(chunks[-1]) + len(unit) > capacity:
+            chunks.append([])
+        chunks[-1].extend(unit)
+
+    def special_entry(token: int) -> Entry:
+        return (token, 1.0, 0) if width == 3 else (token, 1.0)
+
+    return [
+        [special_entry(special.start), *content, special_entry(special.end)]
+        + [special_entry(special.pad)] * (capacity - len(content))
+        for content in chunks
+    ]
+
+
+def inject_into_chunks(
+    chunks: Sequence[Sequence[Entry]],
+    slots: Sequence[SubjectSlot],
+    special: SpecialTokens,
+    append_if_missing: bool = False,
+) -> list[list[Entry]]:
+    """Replaces each slot's placeholder in ComfyUI-shaped token chunks by its subject tokens.
+
+    Every chunk keeps exactly its original length. A chunk that overflows after replacement is
+    split; chunks without placeholders are returned as they were. A placeholder absent from the
+    prompt is an error, unless ``append_if_missing`` puts the subject at the end.
+    """
+    if not chunks:
+        raise ConfigError("no token chunks given")
+    length = len(chunks[0])
+    width = len(chunks[0][0])
+    found: set[str] = set()
+    out: list[list[Entry]] = []
+    for chunk in chunks:
+        if len(chunk) != length:
+            raise ConfigError(f"token chunks must all have {length} entries, got one of {len(chunk)}")
+        body = list(chunk[1:])
+        end = next((i for i, e in enumerate(body) if _token_id(e) == special.end), len(body))
+        found_here: set[str] = set()
+        units = _replace_in_content(body[:end], slots, found_here)
+        found |= found_here
+        if not found_here:  # nothing replaced: keep the chunk untouched
+            out.append(list(chunk))
+        else:
+            out.extend(_pack(units, special, length, width))
+    missing = [slot for slot in slots if slot.placeholder not in found]
+    if missing and not append_if_missing:
+        names = ", ".join(repr(s.placeholder) for s in missing)
+        raise PlaceholderError(
+            f"the prompt has no placeholder {names}: write it where the person goes, e.g. "
+            f"'a photo of {missing[0].placeholder} in the forest' (or enable appending the subject at the end)"
+        )
+    for slot in missing:
+        last = out[-1]
+        end = next(i for i, e in enumerate(last[1:], 1) if _token_id(e) == special.end)
+        units = [[e] for e in last[1:end]] + [_subject_entries(slot, last[end])]
+        out[-1:] = _pack(units, special, length, width)
+    return out
+
+
+def splice_subject_embeds(
+    input_ids: torch.Tensor,
+    token_embeds: torch.Tensor,
+    placeholder_id: int,
+    subject: torch.Tensor,
+    end_id: int = 49407,
+) -> torch.Tensor:
+    """Batched in-place replacement on token embeddings: ``[B, L, H]`` with one placeholder per row.
+
+    The N subject tokens take the placeholder's place and the rest of the prompt moves right;
+    trailing padding falls off the end so the length stays L. Differentiable in ``subject``.
+    """
+    batch, length, _ = token_embeds.shape
+    n = subject.shape[1]
+    is_placeholder = input_ids == placeholder_id
+    if not bool((is_placeholder.sum(dim=1) == 1).all()):
+        raise PlaceholderError("every prompt must hold the placeholder exactly once")
+    position = is_placeholder.int().argmax(dim=1, keepdim=True)  # [B, 1]
+    end_position = (input_ids == end_id).int().argmax(dim=1, keepdim=True)
+    if bool((end_position + n - 1 >= length).any()):
+        raise ConfigError(f"the prompt is too long to hold {n} subject tokens in {length} positions")
+    j = torch.arange(length, device=input_ids.device).unsqueeze(0)
+    source = torch.where(j < position, j, torch.where(j < position + n, length + j - position, j - n + 1))
+    combined = torch.cat([token_embeds, subject.to(token_embeds.dtype)], dim=1)
+    return combined.gather(1, source.unsqueeze(-1).expand(-1, -1, combined.shape[-1]))

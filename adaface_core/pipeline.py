@@ -1,0 +1,123 @@
+"""Face photo -> ArcFace vector -> Arc2Face ID tokens -> AdaFace subject tokens, in one object.
+
+``SubjectEncoder`` holds the three models; the results of identical photos are cached, since
+artists re-run graphs with the same reference far more often than they change it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections import OrderedDict
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from .arc2face import Arc2FaceEncoder
+from .checkpoint import load_inverter
+from .face_analysis import FaceAnalyzer, ImageInput
+from .inverter import PromptInverter
+from .subject import SubjectEmbedding
+from .tokenizer import load_clip_tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+def image_digest(images: Sequence[ImageInput]) -> str:
+    """A content hash of the photos (arrays by bytes, paths by name and bytes)."""
+    digest = hashlib.sha1()
+    for image in images:
+        if isinstance(image, (str, Path)):
+            digest.update(Path(image).read_bytes())
+        else:
+            array = np.ascontiguousarray(np.asarray(image))
+            digest.update(str((array.shape, array.dtype)).encode())
+            digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+class SubjectEncoder:
+    """The face -> subject-tokens pipeline; ``faces`` may be None when only ID vectors are encoded."""
+
+    def __init__(
+        self,
+        encoder: Arc2FaceEncoder,
+        inverter: PromptInverter,
+        faces: Optional[FaceAnalyzer] = None,
+        cache_size: int = 32,
+    ):
+        if encoder.hidden_size != inverter.config.clip.hidden_size:
+            raise ValueError(
+                f"the Arc2Face encoder is {encoder.hidden_size} wide but the inverter expects "
+                f"{inverter.config.clip.hidden_size}: they do not belong together"
+            )
+        self.encoder = encoder.eval().requires_grad_(False)
+        self.inverter = inverter.eval().requires_grad_(False)
+        self.faces = faces
+        self._cache: OrderedDict[str, SubjectEmbedding] = OrderedDict()
+        self._cache_size = cache_size
+
+    @classmethod
+    def from_paths(
+        cls,
+        inverter_path: Union[str, Path],
+        encoder_dir: Union[str, Path],
+        tokenizer_dir: Union[str, Path],
+        faces: Optional[FaceAnalyzer] = None,
+        device: Union[str, torch.device] = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> "SubjectEncoder":
+        encoder = Arc2FaceEncoder.from_folder(encoder_dir, load_clip_tokenizer(tokenizer_dir)).to(device, dtype)
+        inverter = load_inverter(inverter_path, device=device, dtype=dtype)
+        return cls(encoder, inverter, faces)
+
+    @property
+    def device(self) -> torch.device:
+        return self.inverter.template_ids.device
+
+    def to(self, device: Union[str, torch.device]) -> "SubjectEncoder":
+        self.encoder.to(device)
+        self.inverter.to(device)
+        return self
+
+    @torch.inference_mode()
+    def encode_ids(self, id_vectors: torch.Tensor) -> torch.Tensor:
+        """``[B, D]`` unit ArcFace vectors -> ``[B, N, H]`` subject tokens (ID guidance 1)."""
+        dtype = next(self.inverter.parameters()).dtype
+        id_tokens = self.encoder(id_vectors.to(self.device, dtype)).id_tokens
+        return self.inverter(id_tokens)
+
+    def encode_vector(self, id_vector: torch.Tensor, sources: Sequence[str] = ()) -> SubjectEmbedding:
+        """One identity from its ArcFace vector."""
+        tokens = self.encode_ids(id_vector.reshape(1, -1))[0]
+        with torch.inference_mode():
+            pad = self.inverter.pad_embeddings()
+        return SubjectEmbedding(
+            tokens=tokens.float().cpu(),
+            pad_embeds=pad.float().cpu(),
+            id_vector=id_vector.reshape(-1).float().cpu(),
+            sources=tuple(sources),
+        )
+
+    def encode_photos(
+        self, images: Sequence[ImageInput], names: Optional[Sequence[str]] = None
+    ) -> tuple[SubjectEmbedding, list]:
+        """One identity from one or several photos; also returns the faces found (cached by content)."""
+        if self.faces is None:
+            raise ValueError("this SubjectEncoder was built without face models")
+        names = list(names) if names is not None else [f"image {i}" for i in range(len(images))]
+        key = image_digest(images)
+        cached = self._cache.get(key)
+        if cached is not None:
+            self._cache.move_to_end(key)
+            return cached
+        identity = self.faces.identity(images, names)
+        used = [face.name for face in identity.faces]
+        subject = self.encode_vector(torch.as_tensor(identity.embedding), used)
+        result = (subject, identity)
+        self._cache[key] = result
+        if len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        return result

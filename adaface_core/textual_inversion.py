@@ -1,0 +1,59 @@
+"""Subject tokens as a standard textual-inversion embedding file.
+
+A ``[N, 768]`` tensor under both keys readers look for: ``clip_l`` (ComfyUI's SD1 embedding key)
+and ``emb_params`` (the common A1111 / diffusers key). ``embedding:NAME`` in any ComfyUI prompt,
+and diffusers' ``load_textual_inversion(load_file(path)["clip_l"], token=...)`` (the documented call for
+multi-key files), then use the subject with no AdaFace node at all.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+from safetensors import safe_open
+
+from .checkpoint import atomic_save_safetensors
+from .errors import CheckpointError, ConfigError
+
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def embedding_file_name(name: str) -> str:
+    """``NAME.safetensors``, refusing names that would escape the folder or confuse prompt parsing."""
+    stem = name[: -len(".safetensors")] if name.endswith(".safetensors") else name
+    if not _SAFE_NAME.match(stem):
+        raise ConfigError(
+            f"embedding name {name!r} may only use letters, digits, '_', '-' and '.', "
+            "so that 'embedding:NAME' works in a prompt"
+        )
+    return stem + ".safetensors"
+
+
+def save_textual_inversion(
+    tokens: torch.Tensor,
+    path: Union[str, Path],
+    metadata: Optional[dict[str, str]] = None,
+) -> Path:
+    """Writes ``tokens`` (``[N, H]``, float) as an embedding file, atomically."""
+    if tokens.ndim != 2:
+        raise ConfigError(f"subject tokens must be [N, H], got {tuple(tokens.shape)}")
+    vectors = tokens.detach().float().cpu().contiguous()
+    meta = {"adaface": json.dumps({"num_vectors": vectors.shape[0]})} | (metadata or {})
+    return atomic_save_safetensors({"clip_l": vectors, "emb_params": vectors.clone()}, path, meta)
+
+
+def load_textual_inversion(path: Union[str, Path]) -> torch.Tensor:
+    """Reads back the ``[N, H]`` vectors of an embedding file written by any common tool."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            keys = list(handle.keys())
+            for key in ("clip_l", "emb_params", *keys):
+                if key in keys:
+                    return handle.get_tensor(key)
+    except Exception as exc:
+        raise CheckpointError(f"cannot read embedding file {path}: {exc}") from exc
+    raise CheckpointError(f"{path} holds no tensors")

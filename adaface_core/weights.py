@@ -1,0 +1,109 @@
+"""Reading weight files safely and loading them into modules with shape checks that explain themselves."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Iterable, Optional
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from .clip_text import ClipTextConfig, ClipTextTransformer
+from .errors import CheckpointError, ModelFileMissingError
+
+logger = logging.getLogger(__name__)
+
+WEIGHT_FILE_NAMES = ("model.safetensors", "pytorch_model.bin")
+# Prefixes under which a CLIP text transformer's weights are stored by the tools users run.
+CLIP_TEXT_PREFIXES = (
+    "text_model.",  # transformers 4.x CLIPTextModel (Arc2Face encoder/, SD1.5 text_encoder/)
+    "cond_stage_model.transformer.text_model.",  # SD1.5 single-file checkpoints
+    "cond_stage_model.transformer.",
+    "",  # transformers 5.x CLIPTextModel
+)
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors of a ``.safetensors`` file, or of a torch file loaded with ``weights_only=True``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileMissingError(f"weight file not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            return load_file(str(path))
+        # weights_only=True: plain tensors only, a pickle cannot run code through this path.
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # corrupt or truncated file: say which one
+        raise CheckpointError(f"cannot read weights from {path}: {exc}") from exc
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} does not hold a state dict")
+    return state
+
+
+def strip_prefix(state: dict[str, torch.Tensor], prefixes: Iterable[str], probe: str) -> dict[str, torch.Tensor]:
+    """Keeps the keys under the first prefix for which ``prefix + probe`` exists, without the prefix."""
+    for prefix in prefixes:
+        if prefix + probe in state:
+            return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    raise CheckpointError(f"no '{probe}' weights found (looked under prefixes {list(prefixes)})")
+
+
+def load_checked(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """``load_state_dict`` that names every missing, unexpected or mis-shaped tensor in one error."""
+    expected = module.state_dict()
+    problems = []
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing:
+        problems.append(f"missing {len(missing)} tensors, e.g. {missing[:4]}")
+    if unexpected:
+        problems.append(f"unexpected {len(unexpected)} tensors, e.g. {unexpected[:4]}")
+    for key in sorted(set(state) & set(expected)):
+        if tuple(state[key].shape) != tuple(expected[key].shape):
+            problems.append(f"{key}: file has {tuple(state[key].shape)}, model expects {tuple(expected[key].shape)}")
+    if problems:
+        raise CheckpointError(f"{source} does not match the model: " + "; ".join(problems[:8]))
+    module.load_state_dict(state)
+
+
+def find_weight_file(folder: Path) -> Path:
+    for name in WEIGHT_FILE_NAMES:
+        if (folder / name).is_file():
+            return folder / name
+    raise ModelFileMissingError(
+        f"{folder} has no weight file: expected one of {', '.join(WEIGHT_FILE_NAMES)} beside config.json"
+    )
+
+
+def load_clip_text_folder(folder: Path, multipliers: Optional[list[int]] = None) -> ClipTextTransformer:
+    """Loads a transformers ``CLIPTextModel`` folder (``config.json`` + weights) into our transformer."""
+    folder = Path(folder)
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise ModelFileMissingError(
+            f"CLIP text encoder folder {folder} is missing config.json (expected the transformers "
+            "CLIPTextModel layout: config.json and model.safetensors)"
+        )
+    config = ClipTextConfig.from_dict(json.loads(config_path.read_text(encoding="utf-8")))
+    state = read_state_dict(find_weight_file(folder))
+    return clip_text_from_state_dict(state, config, str(folder), multipliers)
+
+
+def clip_text_from_state_dict(
+    state: dict[str, torch.Tensor],
+    config: ClipTextConfig,
+    source: str,
+    multipliers: Optional[list[int]] = None,
+) -> ClipTextTransformer:
+    """Builds a transformer from weights stored under any of the usual prefixes."""
+    state = strip_prefix(state, CLIP_TEXT_PREFIXES, "embeddings.token_embedding.weight")
+    state = {k: v for k, v in state.items() if not k.endswith("position_ids")}
+    model = ClipTextTransformer(config, multipliers)
+    load_checked(model, state, source)
+    logger.debug("loaded CLIP text transformer from %s", source)
+    return model

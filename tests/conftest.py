@@ -1,0 +1,47 @@
+"""Shared fixtures: tiny random models written once per session in the users' on-disk layouts."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from adaface_core.tiny_models import (  # noqa: E402
+    TinySpec,
+    write_arc2face_folder,
+    write_inverter_file,
+    write_sd15_folder,
+)
+
+
+@dataclass(frozen=True)
+class TinyModels:
+    spec: TinySpec
+    sd15: Path
+    arc2face: Path
+    inverter: Path
+
+    @property
+    def tokenizer(self) -> Path:
+        return self.sd15 / "tokenizer"
+
+    @property
+    def encoder(self) -> Path:
+        return self.arc2face / "encoder"
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> TinyModels:
+    root = tmp_path_factory.mktemp("tiny_models")
+    spec = TinySpec()
+    return TinyModels(
+        spec=spec,
+        sd15=write_sd15_folder(spec, root / "sd15"),
+        arc2face=write_arc2face_folder(spec, root / "arc2face"),
+        inverter=write_inverter_file(spec, root / "adaface" / "tiny_inverter.safetensors"),
+    )

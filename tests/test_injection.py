@@ -1,0 +1,102 @@
+"""Placeholder replacement at the input-embedding level, checked with the real CLIP vocabulary."""
+
+import pytest
+import torch
+
+from adaface_core.errors import PlaceholderError
+from adaface_core.injection import SpecialTokens, SubjectSlot, inject_into_chunks, splice_subject_embeds
+from adaface_core.tokenizer import load_clip_tokenizer, single_token_id
+from adaface_core.weights import load_clip_text_folder
+from comfy_standin import StandInClip
+
+
+@pytest.fixture(scope="module")
+def clip(tiny_models):
+    tokenizer = load_clip_tokenizer(tiny_models.tokenizer)
+    return StandInClip(tokenizer, load_clip_text_folder(tiny_models.sd15 / "text_encoder"))
+
+
+def special(clip):
+    return SpecialTokens.from_empty_chunk(clip.tokenize("")["l"][0])
+
+
+def slot(clip, word, tokens, placeholder="z"):
+    return SubjectSlot(placeholder, tuple(single_token_id(clip.tokenizer, placeholder)), tokens)
+
+
+def word_embedding(clip, word):
+    ids = single_token_id(clip.tokenizer, word)
+    return clip.text_model.embeddings.token_embedding.weight[ids].detach()
+
+
+@pytest.mark.parametrize("word_ids", [False, True])
+def test_injecting_a_words_embedding_equals_the_prompt_with_that_word(clip, word_ids):
+    tokens = clip.tokenize("a photo of z in the forest", return_word_ids=word_ids)
+    injected = {"l": inject_into_chunks(tokens["l"], [slot(clip, "dog", word_embedding(clip, "dog"))], special(clip))}
+    assert all(len(chunk) == 77 for chunk in injected["l"])
+    expected = clip.encode_from_tokens(clip.tokenize("a photo of dog in the forest"))
+    torch.testing.assert_close(clip.encode_from_tokens(injected), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_multi_token_subject_changes_only_positions_from_the_placeholder_on(clip):
+    subject = torch.randn(16, clip.text_model.config.hidden_size) * 0.02
+    plain = clip.encode_from_tokens(clip.tokenize("a photo of z"))
+    injected = clip.encode_from_tokens({"l": inject_into_chunks(clip.tokenize("a photo of z")["l"], [slot(clip, "s", subject)], special(clip))})
+    assert injected.shape == plain.shape == (1, 77, clip.text_model.config.hidden_size)
+    # Causal text encoder: positions before the placeholder (start, a, photo, of) are unchanged.
+    torch.testing.assert_close(injected[:, :4], plain[:, :4])
+    assert not torch.allclose(injected[:, 4:20], plain[:, 4:20])
+
+
+def test_weight_of_the_placeholder_carries_to_every_subject_token(clip):
+    chunks = clip.tokenize("a photo of (z:1.3)")["l"]
+    out = inject_into_chunks(chunks, [slot(clip, "s", torch.zeros(16, 64))], special(clip))
+    assert [entry[1] for entry in out[0][4:20]] == [1.3] * 16
+    assert out[0][20][1] == 1.0
+
+
+def test_long_prompt_overflows_into_a_new_chunk_without_splitting_the_subject(clip):
+    prompt = " ".join(["red"] * 70) + " z blue"
+    chunks = clip.tokenize(prompt)["l"]
+    assert len(chunks) == 1
+    out = inject_into_chunks(chunks, [slot(clip, "s", torch.ones(16, 64))], special(clip))
+    assert len(out) == 2 and all(len(c) == 77 for c in out)
+    tensor_positions = [[i for i, e in enumerate(c) if isinstance(e[0], torch.Tensor)] for c in out]
+    assert tensor_positions[0] == [] and tensor_positions[1] == list(range(1, 17))
+    assert out[1][17][0] == single_token_id(clip.tokenizer, "blue")[0]
+
+
+def test_two_placeholders_take_two_subjects(clip):
+    a, b = torch.full((16, 64), 1.0), torch.full((16, 64), 2.0)
+    chunks = clip.tokenize("z and y at the beach")["l"]
+    out = inject_into_chunks(chunks, [slot(clip, "s", a, "z"), slot(clip, "s", b, "y")], special(clip))[0]
+    assert torch.equal(out[1][0], a[0]) and torch.equal(out[16][0], a[15])
+    assert out[17][0] == single_token_id(clip.tokenizer, "and")[0]
+    assert torch.equal(out[18][0], b[0]) and torch.equal(out[33][0], b[15])
+
+
+def test_missing_placeholder_is_a_clear_error_unless_appending(clip):
+    chunks = clip.tokenize("a photo of a man")["l"]
+    with pytest.raises(PlaceholderError, match="placeholder 'z'"):
+        inject_into_chunks(chunks, [slot(clip, "s", torch.zeros(16, 64))], special(clip))
+    out = inject_into_chunks(chunks, [slot(clip, "s", torch.zeros(16, 64))], special(clip), append_if_missing=True)
+    assert isinstance(out[0][6][0], torch.Tensor) and out[0][22][0] == special(clip).end
+
+
+def test_chunks_without_placeholder_are_returned_untouched(clip):
+    chunks = clip.tokenize(" ".join(["red"] * 80) + " z")["l"]
+    out = inject_into_chunks(chunks, [slot(clip, "s", torch.zeros(16, 64))], special(clip))
+    assert out[0] == chunks[0]
+
+
+def test_batched_splice_matches_chunk_injection(clip):
+    prompt_ids = torch.tensor([clip.tokenizer("a photo of z in the forest", padding="max_length", max_length=77)["input_ids"]] * 2)
+    embeds = clip.text_model.token_embeds(prompt_ids)
+    subject = torch.randn(2, 16, 64)
+    placeholder = single_token_id(clip.tokenizer, "z")[0]
+    spliced = splice_subject_embeds(prompt_ids, embeds, placeholder, subject)
+    chunk = inject_into_chunks(clip.tokenize("a photo of z in the forest")["l"], [slot(clip, "s", subject[1])], special(clip))[0]
+    torch.testing.assert_close(spliced[1], clip._chunk_embeds(chunk))
+    subject.requires_grad_(True)
+    splice_subject_embeds(prompt_ids, embeds, placeholder, subject).sum().backward()
+    assert subject.grad is not None and torch.all(subject.grad == 1)

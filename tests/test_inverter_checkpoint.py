@@ -1,0 +1,158 @@
+"""Arc2Face encoder, prompt inverter and the checkpoint format, on tiny models in users' layouts."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from adaface_core.arc2face import Arc2FaceEncoder
+from adaface_core.checkpoint import load_inverter, save_inverter
+from adaface_core.errors import CheckpointError, ConfigError, ModelFileMissingError
+from adaface_core.inverter import InverterConfig, PromptInverter, reference_template_ids
+from adaface_core.textual_inversion import embedding_file_name, load_textual_inversion, save_textual_inversion
+from adaface_core.tokenizer import load_clip_tokenizer
+
+
+@pytest.fixture(scope="module")
+def encoder(tiny_models):
+    return Arc2FaceEncoder.from_folder(tiny_models.encoder, load_clip_tokenizer(tiny_models.tokenizer)).eval()
+
+
+def unit_vectors(n, dim=64, seed=0):
+    return F.normalize(torch.randn(n, dim, generator=torch.Generator().manual_seed(seed)), dim=-1)
+
+
+def test_reference_template_matches_the_real_tokenizer(tiny_models):
+    tokenizer = load_clip_tokenizer(tiny_models.tokenizer)
+    expected = tokenizer("photo of a " + ", " * 18, padding="max_length", max_length=77)["input_ids"]
+    assert reference_template_ids(16) == expected
+
+
+def test_arc2face_encoder_puts_the_id_vector_at_the_id_token(encoder):
+    assert encoder.id_position == 4 and encoder.prompt_ids[:7].tolist() == [49406, 1125, 539, 320, 1014, 2533, 49407]
+    with torch.no_grad():
+        out = encoder(unit_vectors(2))
+        again = encoder(unit_vectors(2))
+        other = encoder(unit_vectors(2, seed=1))
+    assert out.prompt_embeds.shape == (2, 77, 64) and out.id_tokens.shape == (2, 16, 64)
+    torch.testing.assert_close(out.id_tokens, out.prompt_embeds[:, 4:20])
+    torch.testing.assert_close(out.prompt_embeds, again.prompt_embeds)
+    # Positions before the id token see nothing of it (causal encoder); the id tokens do.
+    torch.testing.assert_close(out.prompt_embeds[:, :4], other.prompt_embeds[:, :4])
+    assert not torch.allclose(out.id_tokens, other.id_tokens)
+
+
+def test_id_tokens_equal_the_reference_22_token_prompt(encoder):
+    """The reference pads the ID prompt to 22 tokens; causality makes 77 give the same 16 tokens."""
+    vectors = unit_vectors(1)
+    with torch.no_grad():
+        embeds = encoder.clip.token_embeds(encoder.prompt_ids[:22]).unsqueeze(0).clone()
+        embeds[0, 4] = F.pad(vectors[0], (0, 0))
+        short = encoder.clip(token_embeds=embeds).last_hidden_state[:, 4:20]
+        torch.testing.assert_close(encoder(vectors).id_tokens, short, atol=1e-5, rtol=1e-5)
+
+
+def test_too_wide_id_vector_is_refused(encoder):
+    with pytest.raises(ConfigError, match="512-d ID vectors do not fit"):
+        encoder(unit_vectors(1, dim=512))
+
+
+def test_missing_encoder_folder_names_it(tmp_path, tiny_models):
+    with pytest.raises(ModelFileMissingError, match="arc2face_missing"):
+        Arc2FaceEncoder.from_folder(tmp_path / "arc2face_missing", load_clip_tokenizer(tiny_models.tokenizer))
+
+
+def test_inverter_output_shape_and_id_guidance(tiny_models, encoder):
+    inverter = load_inverter(tiny_models.inverter)
+    with torch.no_grad():
+        tokens = inverter(encoder(unit_vectors(3)).id_tokens)
+        half = inverter(encoder(unit_vectors(3)).id_tokens, id_guidance_scale=0.5)
+    assert tokens.shape == (3, 16, 64)
+    torch.testing.assert_close(half, 0.5 * tokens + 0.5 * inverter.pad_embeddings())
+
+
+def test_hidden_state_mix_follows_the_reference_formula(tiny_models, encoder):
+    inverter = load_inverter(tiny_models.inverter)
+    id_tokens = encoder(unit_vectors(1)).id_tokens.detach()
+    with torch.no_grad():
+        inverter.hidden_state_layer_weights.copy_(torch.tensor([0.0, 0.0, 1.0]))
+        embeds = inverter.clip.token_embeds(inverter.template_ids).unsqueeze(0).clone()
+        embeds[:, 4:20] = id_tokens
+        last_layer = inverter.clip(token_embeds=embeds).last_hidden_state[:, 4:20]
+        torch.testing.assert_close(inverter(id_tokens), last_layer, atol=1e-5, rtol=1e-5)
+
+
+def test_expansion_roundtrips_through_a_checkpoint(tmp_path, tiny_models, encoder):
+    inverter = load_inverter(tiny_models.inverter)
+    id_tokens = encoder(unit_vectors(2)).id_tokens.detach()
+    with torch.no_grad():
+        before = inverter(id_tokens)
+        inverter.expand([4, 2, 1], perturb_std=0.0, step=10)
+        torch.testing.assert_close(inverter(id_tokens), before, atol=1e-5, rtol=1e-5)
+        inverter.expand([2, 2, 1], perturb_std=0.1, generator=torch.Generator().manual_seed(0), step=20)
+        expanded = inverter(id_tokens)
+    assert inverter.config.attention_multipliers == [8, 4, 1]
+    path = save_inverter(inverter, tmp_path / "expanded.safetensors")
+    reloaded = load_inverter(path)
+    assert reloaded.config.attention_multipliers == [8, 4, 1]
+    assert [h["step"] for h in reloaded.config.expansion_history] == [10, 20]
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(id_tokens), expanded)
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_mismatched_checkpoint_names_the_tensor(tmp_path, tiny_models):
+    with safe_open(str(tiny_models.inverter), framework="pt") as f:
+        metadata = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    config = json.loads(metadata["config"])
+    config["attention_multipliers"] = [2, 1, 1]  # claims an expansion the weights do not have
+    save_file(tensors, str(tmp_path / "bad.safetensors"), metadata=metadata | {"config": json.dumps(config)})
+    with pytest.raises(CheckpointError, match=r"clip.encoder.layers.0.self_attn.k_proj.weight: file has \(64, 64\), model expects \(128, 64\)"):
+        load_inverter(tmp_path / "bad.safetensors")
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [(b"not a safetensors file at all", "not a readable safetensors file"), (None, "not an AdaFace inverter checkpoint")],
+)
+def test_corrupt_or_foreign_files_are_refused(tmp_path, content, message):
+    path = tmp_path / "x.safetensors"
+    if content is None:
+        save_file({"w": torch.zeros(2)}, str(path))
+    else:
+        path.write_bytes(content)
+    with pytest.raises(CheckpointError, match=message):
+        load_inverter(path)
+
+
+def test_pickled_checkpoint_points_to_the_converter(tmp_path):
+    path = tmp_path / "official.pt"
+    path.write_bytes(b"\x80\x02}q\x00.")
+    with pytest.raises(CheckpointError, match="python -m adaface_core.convert official.pt official.safetensors"):
+        load_inverter(path)
+
+
+def test_textual_inversion_file_has_both_keys_and_loads_in_diffusers(tmp_path, tiny_models):
+    tokens = torch.randn(16, 64)
+    path = save_textual_inversion(tokens, tmp_path / embedding_file_name("alice"))
+    with safe_open(str(path), framework="pt") as f:
+        assert set(f.keys()) == {"clip_l", "emb_params"}
+    torch.testing.assert_close(load_textual_inversion(path), tokens)
+    with pytest.raises(ConfigError):
+        embedding_file_name("../escape")
+    # diffusers' own loader reads it as 16 new tokens (the documented way for multi-key files).
+    from diffusers.loaders.textual_inversion import TextualInversionLoaderMixin
+    from transformers import CLIPTextModel
+
+    tokenizer = load_clip_tokenizer(tiny_models.tokenizer)
+    text_encoder = CLIPTextModel.from_pretrained(str(tiny_models.sd15 / "text_encoder"), local_files_only=True)
+    loader = TextualInversionLoaderMixin()
+    vectors = load_file(str(path))["clip_l"]
+    loader.load_textual_inversion(vectors, token="<alice>", tokenizer=tokenizer, text_encoder=text_encoder)
+    ids = tokenizer(loader.maybe_convert_prompt("a photo of <alice>", tokenizer), add_special_tokens=False)["input_ids"]
+    assert len(ids) == 3 + 16
+    torch.testing.assert_close(text_encoder.get_input_embeddings().weight[ids[3:]], tokens)
