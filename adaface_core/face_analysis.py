@@ -1,0 +1,316 @@
+"""Face photo -> unit ArcFace vector (DESIGN §2.1), with insightface's own ONNX model classes.
+
+Only two models of a pack are used (detector and recogniser), loaded from a folder the user filled
+by hand with an explicit onnxruntime provider list; insightface's ``FaceAnalysis(name=...)`` is never
+used, since it downloads at run time and guesses providers. The largest face by true box area is
+the subject (the reference code's sort key lacks parentheses). Detection retries at smaller sizes
+and with a black border before reporting "no face", because frame-filling faces and tight crops
+are the usual misses. Several photos of one person average their unit vectors, and a photo without
+a face is reported and skipped rather than ending the run.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+
+from .errors import AdaFaceError, ConfigError, NoFaceError
+from .face_pack import FacePackFiles, onnx_providers, resolve_face_pack
+from .image_io import DetectionCanvas, ImageInput, detection_canvas, image_name, to_bgr_uint8
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["DetectedFace", "FaceAnalyzer", "FaceModelLoadError", "IdentityResult", "ImageInput", "average_identity"]
+
+RETRY_DET_SIZES = (640, 512, 384, 256)
+SMALL_IMAGE_SIDE = 256  # below this, tight crops are framed in a border before the first try
+ALIGNED_SIZE = 112
+NO_FACE_ADVICE = (
+    "use a photo where the face is clearly visible, roughly frontal, not cut off by the frame and "
+    "not tiny (at least about 40 pixels across)"
+)
+
+
+class FaceModelLoadError(AdaFaceError):
+    """A face model file is there but onnxruntime or insightface cannot load it (damaged or not ONNX)."""
+
+
+@dataclass
+class DetectedFace:
+    """One face: where it is, how sure the detector was, and who it is (the unit ArcFace vector)."""
+
+    normed_embedding: np.ndarray
+    """``[D]`` float32, unit length (D = 512 for ArcFace)."""
+    bbox: np.ndarray
+    """``[4]`` x1, y1, x2, y2 in the original photo's pixels (may reach past its edges)."""
+    kps: np.ndarray
+    """``[5, 2]`` eyes, nose tip, mouth corners, in the original photo's pixels."""
+    det_score: float
+    aligned: np.ndarray
+    """``112x112x3`` uint8 RGB crop on the ArcFace template (what the recogniser saw)."""
+    name: str = ""
+    embedding_norm: float = 0.0
+    """Length of the raw embedding: low values go with blurred or odd crops."""
+
+    @property
+    def embedding(self) -> np.ndarray:
+        """The unit vector (alias of ``normed_embedding``)."""
+        return self.normed_embedding
+
+    @property
+    def area(self) -> float:
+        """True box area ``(x2 - x1) * (y2 - y1)``."""
+        x1, y1, x2, y2 = (float(v) for v in self.bbox[:4])
+        return max(0.0, x2 - x1) * max(0.0, y2 - y1)
+
+    def embedding_tensor(self) -> Any:
+        """The unit vector as a float32 torch tensor ``[D]``."""
+        import torch
+
+        return torch.from_numpy(self.normed_embedding.copy())
+
+
+@dataclass
+class IdentityResult:
+    """One person from several photos: the re-normalised mean vector and what each photo gave."""
+
+    embedding: np.ndarray
+    """``[D]`` float32 unit vector."""
+    faces: list[DetectedFace] = field(default_factory=list)
+    """The face used from each photo that had one, in input order."""
+    skipped_names: list[str] = field(default_factory=list)
+    """Photos in which no face was found."""
+
+    @property
+    def used_names(self) -> list[str]:
+        return [face.name for face in self.faces]
+
+
+def average_identity(vectors: Sequence[np.ndarray]) -> np.ndarray:
+    """Mean of unit vectors, re-normalised: each photo counts equally, whatever its embedding length."""
+    if not vectors:
+        raise NoFaceError("no face vectors to average")
+    units = [np.asarray(v, np.float32).reshape(-1) for v in vectors]
+    units = [v / max(float(np.linalg.norm(v)), 1e-12) for v in units]
+    mean = np.mean(np.stack(units), axis=0)
+    norm = float(np.linalg.norm(mean))
+    if norm < 1e-6:
+        raise AdaFaceError("the photos' face vectors cancel out; they cannot be of one person")
+    return (mean / norm).astype(np.float32)
+
+
+def _as_image_list(images: Union[ImageInput, Sequence[ImageInput]]) -> list[ImageInput]:
+    """A list of single images from a list, one image, or a batch (``BxHxWxC`` array or tensor)."""
+    if isinstance(images, (list, tuple)):
+        return list(images)
+    shape = getattr(images, "shape", None)
+    if shape is not None and len(shape) == 4:
+        return [images[i] for i in range(shape[0])]
+    return [images]
+
+
+def _fixed_detector_size(detector: Any) -> Optional[tuple[int, int]]:
+    """(width, height) when the detector graph has a fixed input, which rules out the retries."""
+    shape = detector.session.get_inputs()[0].shape
+    if len(shape) == 4 and all(isinstance(v, int) and v > 0 for v in shape[2:4]):
+        return int(shape[3]), int(shape[2])
+    return None
+
+
+class FaceAnalyzer:
+    """Detector + recogniser from one insightface pack folder; finds faces and their ArcFace vectors."""
+
+    def __init__(
+        self,
+        detector: Any,
+        recognizer: Any,
+        det_size: int = 640,
+        det_thresh: float = 0.5,
+        files: Optional[FacePackFiles] = None,
+    ):
+        if getattr(detector, "taskname", None) != "detection":
+            raise ConfigError(f"{getattr(detector, 'model_file', detector)} is not a face detector")
+        if getattr(recognizer, "taskname", None) != "recognition":
+            raise ConfigError(f"{getattr(recognizer, 'model_file', recognizer)} is not a face recognition model")
+        if not getattr(detector, "use_kps", False):
+            raise ConfigError(
+                f"detector {getattr(detector, 'model_file', '')} gives no facial keypoints, which alignment "
+                "needs; use a *_bnkps model such as scrfd_10g_bnkps.onnx"
+            )
+        if det_size < 64 or det_size % 32:
+            raise ConfigError(f"det_size must be a multiple of 32 from 64 up (the detector's largest stride), got {det_size}")
+        self.detector = detector
+        self.recognizer = recognizer
+        self.files = files
+        self.det_size = int(det_size)
+        self.det_thresh = float(det_thresh)
+        fixed = _fixed_detector_size(detector)
+        if fixed is not None:
+            self.det_sizes: list[tuple[int, int]] = [fixed]
+        else:
+            sizes = [self.det_size] + [s for s in RETRY_DET_SIZES if s < self.det_size]
+            self.det_sizes = [(s, s) for s in sizes]
+        self.max_side = max(max(size) for size in self.det_sizes)
+        # ctx_id 0 keeps the providers the sessions were made with (negative would force CPU).
+        detector.prepare(0, det_thresh=self.det_thresh, nms_thresh=0.4)
+        # Graphs that declare batch 1 (on input or output) get one crop per run: onnxruntime rejects
+        # or warns about anything else.
+        leading = [recognizer.session.get_inputs()[0].shape[0], recognizer.session.get_outputs()[0].shape[0]]
+        self._one_by_one = any(isinstance(v, int) and v == 1 for v in leading)
+
+    @classmethod
+    def from_folder(
+        cls,
+        folder: Union[str, Path],
+        provider: str = "auto",
+        det_size: int = 640,
+        det_thresh: float = 0.5,
+    ) -> "FaceAnalyzer":
+        """Load the detector and recogniser of the pack in ``folder`` (antelopev2 layout or any pack).
+
+        ``provider``: auto (CUDA, ROCm or CoreML when this onnxruntime offers one, else CPU), cpu,
+        cuda, rocm or coreml.
+        """
+        from insightface.model_zoo import get_model
+
+        files = resolve_face_pack(folder)
+        providers = onnx_providers(provider)
+        models = []
+        for path, role in ((files.detector, "detection"), (files.recognizer, "recognition")):
+            try:
+                model = get_model(str(path), providers=providers)
+            except Exception as error:  # onnxruntime raises its own types for corrupt files
+                raise FaceModelLoadError(f"cannot load face {role} model {path}: {error}") from error
+            if model is None or getattr(model, "taskname", None) != role:
+                kind = getattr(model, "taskname", "unrecognised")
+                raise ConfigError(f"{path} was expected to be a face {role} model, but insightface reads it as {kind}")
+            models.append(model)
+        active = list(models[0].session.get_providers())
+        if providers[0] != "CPUExecutionProvider" and providers[0] not in active:
+            logger.warning("face models asked for %s but run on %s", providers[0], ", ".join(active))
+        logger.info(
+            "face models from %s: detector %s, recogniser %s, providers %s",
+            files.folder,
+            files.detector.name,
+            files.recognizer.name,
+            ", ".join(active),
+        )
+        return cls(models[0], models[1], det_size=det_size, det_thresh=det_thresh, files=files)
+
+    @property
+    def providers(self) -> list[str]:
+        """The onnxruntime providers the detector session actually runs on."""
+        return list(self.detector.session.get_providers())
+
+    def _detect(self, bgr: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Boxes ``[n, 4]``, keypoints ``[n, 5, 2]`` (original pixels) and scores ``[n]`` from the first try that finds any."""
+        small = min(bgr.shape[:2]) < SMALL_IMAGE_SIDE
+        for pad in (small, not small):
+            canvas: DetectionCanvas = detection_canvas(bgr, self.max_side, pad)
+            for size in self.det_sizes:
+                dets, kps = self.detector.detect(canvas.image, input_size=size, max_num=0)
+                if dets is not None and len(dets) and kps is not None:
+                    boxes, points = canvas.to_original(dets, kps)
+                    if pad != small or size != self.det_sizes[0]:
+                        logger.debug("face found on retry (det size %s, border %s)", size, pad)
+                    return boxes, points, dets[:, 4].astype(np.float32)
+        empty = np.zeros((0,), np.float32)
+        return empty.reshape(0, 4), empty.reshape(0, 5, 2), empty
+
+    def _embed(self, bgr: np.ndarray, kps: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Raw embeddings ``[n, D]`` and the 112 px RGB aligned crops for the faces with keypoints ``kps``."""
+        from insightface.utils import face_align
+
+        size = int(self.recognizer.input_size[0])
+        with warnings.catch_warnings():  # skimage deprecation inside insightface, once per call otherwise
+            warnings.filterwarnings("ignore", category=FutureWarning, module=r"insightface\.utils\.face_align")
+            crops = [face_align.norm_crop(bgr, landmark=points, image_size=size) for points in kps]
+            if size != ALIGNED_SIZE:
+                crops_112 = [face_align.norm_crop(bgr, landmark=points, image_size=ALIGNED_SIZE) for points in kps]
+        if self._one_by_one:
+            feats = np.concatenate([self.recognizer.get_feat([crop]) for crop in crops])
+        else:
+            feats = self.recognizer.get_feat(crops)
+        if size != ALIGNED_SIZE:
+            crops = crops_112
+        aligned = [np.ascontiguousarray(crop[:, :, ::-1]) for crop in crops]
+        return np.asarray(feats, np.float32).reshape(len(crops), -1), aligned
+
+    def _faces(self, image: ImageInput, name: str, largest_only: bool) -> list[DetectedFace]:
+        bgr = to_bgr_uint8(image, name)
+        boxes, kps, scores = self._detect(bgr)
+        if not len(boxes):
+            return []
+        areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+        order = np.argsort(-areas, kind="stable")
+        if largest_only:
+            order = order[:1]
+        feats, aligned = self._embed(bgr, kps[order])
+        faces = []
+        for row, index in enumerate(order):
+            norm = float(np.linalg.norm(feats[row]))
+            faces.append(
+                DetectedFace(
+                    normed_embedding=(feats[row] / max(norm, 1e-12)).astype(np.float32),
+                    bbox=boxes[index].copy(),
+                    kps=kps[index].copy(),
+                    det_score=float(scores[index]),
+                    aligned=aligned[row],
+                    name=name,
+                    embedding_norm=norm,
+                )
+            )
+        return faces
+
+    def detect_all(self, image: ImageInput, name: Optional[str] = None) -> list[DetectedFace]:
+        """Every face in one photo, largest first; an empty list when there is none."""
+        return self._faces(image, name or image_name(image, 0), largest_only=False)
+
+    def analyze(self, image: ImageInput, name: Optional[str] = None) -> DetectedFace:
+        """The largest face in one photo; ``NoFaceError`` (naming the photo) when there is none."""
+        name = name or image_name(image, 0)
+        faces = self._faces(image, name, largest_only=True)
+        if not faces:
+            raise NoFaceError(f"no face found in {name}; {NO_FACE_ADVICE}")
+        return faces[0]
+
+    def identity(
+        self,
+        images: Union[ImageInput, Sequence[ImageInput]],
+        names: Optional[Sequence[str]] = None,
+    ) -> IdentityResult:
+        """One person's vector from one or several photos (or a ``BxHxWxC`` batch).
+
+        The largest face of each photo counts once; photos without a face are listed in
+        ``skipped_names`` and logged, and only when none has a face is it an error.
+        """
+        items = _as_image_list(images)
+        if not items:
+            raise NoFaceError("no photos were given; " + NO_FACE_ADVICE)
+        if names is None:
+            names = [image_name(item, index) for index, item in enumerate(items)]
+        elif len(names) != len(items):
+            raise ConfigError(f"{len(names)} names for {len(items)} photos")
+        faces, skipped = [], []
+        for item, name in zip(items, names):
+            found = self._faces(item, str(name), largest_only=True)
+            if found:
+                faces.append(found[0])
+            else:
+                skipped.append(str(name))
+        if not faces:
+            if len(items) == 1:
+                raise NoFaceError(f"no face found in {skipped[0]}; {NO_FACE_ADVICE}")
+            raise NoFaceError(f"no face found in any of the {len(items)} photos ({', '.join(skipped)}); {NO_FACE_ADVICE}")
+        if skipped:
+            logger.warning("no face found in %s; using the other %d photo(s)", ", ".join(skipped), len(faces))
+        return IdentityResult(
+            embedding=average_identity([face.normed_embedding for face in faces]),
+            faces=faces,
+            skipped_names=skipped,
+        )

@@ -1,0 +1,319 @@
+"""Face analysis: pack-folder layouts with tiny ONNX files, then real photos with real buffalo_s models."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from insightface.model_zoo.arcface_onnx import ArcFaceONNX
+from PIL import Image
+
+from adaface_core.errors import AdaFaceError, ConfigError, ModelFileMissingError, NoFaceError
+from adaface_core.face_analysis import FaceAnalyzer, FaceModelLoadError, average_identity
+from adaface_core.face_pack import onnx_providers, resolve_face_pack
+from adaface_core.image_io import BadImageError, detection_canvas, to_rgb_uint8
+from adaface_core.tiny_face_models import write_tiny_face_pack, write_tiny_recognizer
+from helpers_faces import require_buffalo_s_pack, require_faces
+
+# ---------------------------------------------------------------- tiny packs: layout and loading
+
+
+@pytest.fixture(scope="module")
+def tiny_pack(tmp_path_factory) -> Path:
+    return write_tiny_face_pack(tmp_path_factory.mktemp("faces") / "antelopev2")
+
+
+@pytest.fixture(scope="module")
+def tiny_analyzer(tiny_pack) -> FaceAnalyzer:
+    return FaceAnalyzer.from_folder(tiny_pack, provider="cpu")
+
+
+def bright_square(size: int = 320) -> np.ndarray:
+    """The tiny detector's idea of a face: a bright patch on black."""
+    image = np.zeros((size, size, 3), np.uint8)
+    image[size // 4 : 3 * size // 4, size // 4 : 3 * size // 4] = (230, 180, 150)
+    return image
+
+
+def test_tiny_antelopev2_pack_loads_through_insightface_classes(tiny_analyzer):
+    files = tiny_analyzer.files
+    assert files.detector.name == "scrfd_10g_bnkps.onnx"
+    assert files.recognizer.name == "glintr100.onnx"
+    assert type(tiny_analyzer.detector).__name__ in ("SCRFD", "RetinaFace")
+    assert isinstance(tiny_analyzer.recognizer, ArcFaceONNX)
+    assert tiny_analyzer.providers == ["CPUExecutionProvider"]
+
+
+def test_arcface_onnx_replaces_glintr100(tmp_path):
+    pack = write_tiny_face_pack(tmp_path / "antelopev2", layout="arc2face")
+    assert (pack / "glintr100.onnx").is_file()
+    analyzer = FaceAnalyzer.from_folder(pack, provider="cpu")
+    assert analyzer.files.recognizer.name == "arcface.onnx"
+    assert analyzer.recognizer.model_file.endswith("arcface.onnx")
+
+
+def test_tiny_pack_runs_the_whole_path(tiny_analyzer):
+    face = tiny_analyzer.analyze(bright_square(), name="square")
+    assert face.normed_embedding.shape == (512,) and face.normed_embedding.dtype == np.float32
+    assert abs(np.linalg.norm(face.normed_embedding) - 1.0) < 1e-5
+    assert face.aligned.shape == (112, 112, 3) and face.aligned.dtype == np.uint8
+    assert face.kps.shape == (5, 2) and face.bbox.shape == (4,) and 0.5 < face.det_score <= 1.0
+    assert face.embedding_tensor().shape == (512,)
+    faces = tiny_analyzer.detect_all(bright_square())
+    areas = [f.area for f in faces]
+    assert areas == sorted(areas, reverse=True) and areas[0] == pytest.approx(face.area)
+    with pytest.raises(NoFaceError, match="no face found in black.png; use a photo where the face is clearly visible"):
+        tiny_analyzer.analyze(np.zeros((300, 300, 3), np.uint8), name="black.png")
+    assert tiny_analyzer.detect_all(np.zeros((300, 300, 3), np.uint8)) == []
+
+
+def test_tiny_identity_skips_the_photo_without_a_face(tiny_analyzer):
+    black = np.zeros((300, 300, 3), np.uint8)
+    result = tiny_analyzer.identity([bright_square(), black, bright_square(400)], names=["a", "b", "c"])
+    assert result.skipped_names == ["b"] and result.used_names == ["a", "c"]
+    assert abs(np.linalg.norm(result.embedding) - 1.0) < 1e-5
+    with pytest.raises(NoFaceError, match=r"any of the 2 photos \(image 0, image 1\)"):
+        tiny_analyzer.identity(np.stack([black, black]))  # a batch, as a ComfyUI IMAGE is
+
+
+def test_recognizer_dim_and_graph_classification_by_content(tmp_path):
+    """Files with unknown names are told apart the way insightface does; extras are ignored."""
+    pack = write_tiny_face_pack(tmp_path / "src", layout="buffalo_s", recognizer_dim=256)
+    renamed = tmp_path / "mine"
+    renamed.mkdir()
+    shutil.copy(pack / "scrfd_500m_bnkps.onnx", renamed / "my_detector.onnx")
+    shutil.copy(pack / "w600k_mbf.onnx", renamed / "my_recogniser.onnx")
+    shutil.copy(pack / "2d106det.onnx", renamed / "landmarks.onnx")
+    files = resolve_face_pack(renamed)
+    assert (files.detector.name, files.recognizer.name) == ("my_detector.onnx", "my_recogniser.onnx")
+    face = FaceAnalyzer.from_folder(renamed, provider="cpu").analyze(bright_square())
+    assert face.normed_embedding.shape == (256,)
+
+
+def test_two_unknown_recognisers_are_ambiguous(tmp_path):
+    write_tiny_face_pack(tmp_path, with_extras=False)
+    (tmp_path / "glintr100.onnx").rename(tmp_path / "rec_a.onnx")
+    write_tiny_recognizer(tmp_path / "rec_b.onnx")
+    with pytest.raises(ConfigError, match="several recognition models"):
+        resolve_face_pack(tmp_path)
+
+
+def test_missing_folder_names_folder_and_files(tmp_path):
+    missing = tmp_path / "models" / "insightface" / "models" / "antelopev2"
+    with pytest.raises(ModelFileMissingError) as info:
+        FaceAnalyzer.from_folder(missing)
+    message = str(info.value)
+    assert str(missing) in message and "scrfd_10g_bnkps.onnx" in message and "glintr100.onnx" in message
+    assert "downloaded" in message
+
+
+def test_empty_folder_names_folder_and_files(tmp_path):
+    with pytest.raises(ModelFileMissingError) as info:
+        resolve_face_pack(tmp_path)
+    message = str(info.value)
+    assert str(tmp_path) in message and "no .onnx files" in message
+    assert "scrfd_10g_bnkps.onnx" in message and "glintr100.onnx" in message and "arcface.onnx" in message
+
+
+def test_doubly_nested_pack_is_pointed_out(tmp_path):
+    outer = tmp_path / "antelopev2"
+    write_tiny_face_pack(outer / "antelopev2")
+    with pytest.raises(ModelFileMissingError) as info:
+        resolve_face_pack(outer)
+    assert f"seem to be in {outer / 'antelopev2'}" in str(info.value)
+    assert str(outer) in str(info.value)
+
+
+def test_parent_folder_is_pointed_to_the_pack(tmp_path):
+    root = tmp_path / "insightface"
+    write_tiny_face_pack(root / "models" / "antelopev2")
+    with pytest.raises(ModelFileMissingError, match="seem to be in .*models.antelopev2"):
+        resolve_face_pack(root)
+
+
+def test_pack_without_recogniser_says_which_is_missing(tmp_path):
+    write_tiny_face_pack(tmp_path)
+    (tmp_path / "glintr100.onnx").unlink()
+    with pytest.raises(ModelFileMissingError, match="lacks a face recogniser") as info:
+        resolve_face_pack(tmp_path)
+    assert "scrfd_10g_bnkps.onnx" in str(info.value)  # lists what it has
+
+
+def test_damaged_model_file_is_named(tmp_path, tiny_analyzer):
+    write_tiny_face_pack(tmp_path, with_extras=False)
+    (tmp_path / "glintr100.onnx").write_bytes(b"not an onnx file")
+    with pytest.raises(FaceModelLoadError, match="glintr100.onnx"):
+        FaceAnalyzer.from_folder(tmp_path, provider="cpu")
+    with pytest.raises(ConfigError, match="multiple of 32"):
+        FaceAnalyzer(tiny_analyzer.detector, tiny_analyzer.recognizer, det_size=600)
+
+
+def test_file_instead_of_folder(tiny_pack):
+    with pytest.raises(ModelFileMissingError, match="is a file"):
+        resolve_face_pack(tiny_pack / "glintr100.onnx")
+
+
+def test_provider_choice():
+    gpu = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert onnx_providers("auto", gpu) == gpu
+    assert onnx_providers("auto", ["AzureExecutionProvider", "CPUExecutionProvider"]) == ["CPUExecutionProvider"]
+    assert onnx_providers("auto", ["ROCMExecutionProvider", "CPUExecutionProvider"])[0] == "ROCMExecutionProvider"
+    assert onnx_providers("auto", ["CoreMLExecutionProvider", "CPUExecutionProvider"])[0] == "CoreMLExecutionProvider"
+    assert onnx_providers("cpu", gpu) == ["CPUExecutionProvider"]
+    assert onnx_providers("CUDA", gpu) == gpu
+    with pytest.raises(ConfigError, match="onnxruntime-gpu"):
+        onnx_providers("cuda", ["CPUExecutionProvider"])
+    with pytest.raises(ConfigError, match="unknown face-analysis provider"):
+        onnx_providers("tpu", gpu)
+
+
+# ---------------------------------------------------------------- image conversion (no models)
+
+
+def test_image_conversions(tmp_path):
+    rgb = np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    assert np.array_equal(to_rgb_uint8(rgb), rgb)
+    rgba = np.concatenate([rgb, np.full((20, 30, 1), 255, np.uint8)], axis=2)
+    assert np.array_equal(to_rgb_uint8(rgba), rgb)
+    rgba[:, :, 3] = 0
+    assert not to_rgb_uint8(rgba).any()  # transparent -> black
+    grey = rgb[:, :, 0]
+    for variant in (grey, grey[:, :, None]):
+        assert np.array_equal(to_rgb_uint8(variant), np.repeat(grey[:, :, None], 3, axis=2))
+    assert np.array_equal(to_rgb_uint8(rgb.astype(np.uint16) * 257), rgb)
+    assert np.array_equal(to_rgb_uint8(rgb.astype(np.float32) / 255.0), rgb)
+    assert np.array_equal(to_rgb_uint8(torch.from_numpy(rgb).float()[None] / 255.0), rgb)  # ComfyUI IMAGE
+    assert np.array_equal(to_rgb_uint8(np.transpose(rgb, (2, 0, 1))), rgb)  # CxHxW
+    assert np.array_equal(to_rgb_uint8(Image.fromarray(grey.astype(np.uint16) * 257)), to_rgb_uint8(grey))  # PIL I;16
+    assert np.array_equal(to_rgb_uint8(Image.fromarray(rgba).convert("LA")), np.zeros_like(rgb))
+    Image.fromarray(rgb).save(tmp_path / "x.png")
+    assert np.array_equal(to_rgb_uint8(tmp_path / "x.png"), rgb)
+    with pytest.raises(BadImageError, match="does not exist"):
+        to_rgb_uint8(tmp_path / "missing.png")
+    with pytest.raises(BadImageError, match="expected 0..1"):
+        to_rgb_uint8(np.full((4, 4, 3), -3.0, np.float32))
+    with pytest.raises(BadImageError, match="batch of 2"):
+        to_rgb_uint8(np.zeros((2, 8, 8, 3), np.uint8))
+    with pytest.raises(BadImageError, match="shape"):
+        to_rgb_uint8(np.zeros((8, 8, 5), np.uint8))
+
+
+def test_detection_canvas_maps_back():
+    bgr = np.zeros((3000, 1500, 3), np.uint8)
+    canvas = detection_canvas(bgr, max_side=640, pad=True)
+    assert max(canvas.image.shape[:2]) == 1280  # shrunk to 640, then a 320 px border
+    boxes = np.array([[320 + 32, 320 + 64, 320 + 96, 320 + 128, 0.9]], np.float32)
+    kps = np.full((1, 5, 2), 320 + 64, np.float32)
+    back_boxes, back_kps = canvas.to_original(boxes, kps)
+    np.testing.assert_allclose(back_boxes[0], [150, 300, 450, 600], rtol=1e-2)
+    np.testing.assert_allclose(back_kps[0, 0], [300, 300], rtol=1e-2)
+
+
+def test_average_identity_is_unit_mean():
+    a, b = np.eye(4, dtype=np.float32)[0], np.eye(4, dtype=np.float32)[1] * 3.0
+    np.testing.assert_allclose(average_identity([a, b]), np.array([1, 1, 0, 0]) / np.sqrt(2), atol=1e-6)
+    with pytest.raises(AdaFaceError):
+        average_identity([a, -a])
+
+
+# ---------------------------------------------------------------- real models, real photos
+
+
+@pytest.fixture(scope="module")
+def faces() -> Path:
+    return require_faces()
+
+
+@pytest.fixture(scope="module")
+def analyzer(tmp_path_factory) -> FaceAnalyzer:
+    pack = require_buffalo_s_pack(tmp_path_factory.mktemp("packs") / "buffalo_s")
+    return FaceAnalyzer.from_folder(pack, provider="cpu")
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def test_johns_tight_crops_all_found_and_told_apart(analyzer, faces):
+    """150x150 crops need the automatic border; same person > 0.45, different people < 0.3."""
+    paths = sorted((faces / "labeled").glob("John_*/*.jpg"))
+    assert len(paths) == 55
+    vectors = np.stack([analyzer.analyze(path).normed_embedding for path in paths])
+    people = np.array([path.parent.name for path in paths])
+    sims = vectors @ vectors.T
+    same = (people[:, None] == people[None, :]) & ~np.eye(len(paths), dtype=bool)
+    different = people[:, None] != people[None, :]
+    logging.getLogger(__name__).info("same min %.3f, different max %.3f", sims[same].min(), sims[different].max())
+    assert sims[same].min() > 0.45
+    assert sims[different].max() < 0.3
+
+
+def test_yao_ming_is_picked_out_of_the_team_photo(analyzer, faces):
+    yao = analyzer.analyze(faces / "labeled" / "Yao_Ming" / "yaoming.jpg")
+    team = analyzer.detect_all(faces / "groups" / "players.jpg")
+    assert len(team) >= 20
+    sims = sorted((float(face.normed_embedding @ yao.normed_embedding) for face in team), reverse=True)
+    assert sims[0] > 0.5
+    assert sims[1] < 0.25
+
+
+def test_ice_block_has_no_face(analyzer, faces):
+    with pytest.raises(NoFaceError, match="no face found in ice_block.jpg; use a photo where the face is clearly visible"):
+        analyzer.analyze(faces / "no_face" / "ice_block.jpg")
+
+
+def test_group_photo_gives_the_largest_face_by_true_area(analyzer, faces):
+    path = faces / "groups" / "t1.jpg"
+    everyone = analyzer.detect_all(path)
+    assert len(everyone) == 6
+    areas = [(f.bbox[2] - f.bbox[0]) * (f.bbox[3] - f.bbox[1]) for f in everyone]
+    assert areas == sorted(areas, reverse=True)
+    chosen = analyzer.analyze(path)
+    np.testing.assert_allclose(chosen.bbox, everyone[0].bbox)
+    assert chosen.area == pytest.approx(max(areas))
+
+
+def test_several_photos_average_and_a_faceless_one_is_skipped(analyzer, faces):
+    obama = sorted((faces / "labeled" / "Barack_Obama").glob("*.jpg"))
+    ice = faces / "no_face" / "ice_block.jpg"
+    result = analyzer.identity([obama[0], ice, *obama[1:]])
+    assert result.skipped_names == ["ice_block.jpg"]
+    assert result.used_names == [p.name for p in obama]
+    assert abs(np.linalg.norm(result.embedding) - 1.0) < 1e-5
+    expected = average_identity([f.normed_embedding for f in result.faces])
+    np.testing.assert_allclose(result.embedding, expected, atol=1e-6)
+    assert min(cosine(result.embedding, f.normed_embedding) for f in result.faces) > 0.6
+    biden = analyzer.analyze(faces / "labeled" / "Joe_Biden" / "biden.jpg")
+    assert cosine(result.embedding, biden.normed_embedding) < 0.3
+    with pytest.raises(NoFaceError, match="no face found in ice_block.jpg"):
+        analyzer.identity([ice])
+
+
+def test_input_formats_on_a_real_photo(analyzer, faces):
+    image = np.array(Image.open(faces / "labeled" / "Grace_Hopper" / "grace_hopper_512x512.jpg").convert("RGB"))
+    reference = analyzer.analyze(image).normed_embedding
+    alpha = np.full(image.shape[:2] + (1,), 255, np.uint8)
+    variants = {
+        "rgba": (np.concatenate([image, alpha], axis=2), 0.99),
+        "uint16": (image.astype(np.uint16) * 257, 0.99),
+        "float": (image.astype(np.float32) / 255.0, 0.99),
+        "comfy tensor": (torch.from_numpy(image).float()[None] / 255.0, 0.99),
+        "pil rgba": (Image.fromarray(image).convert("RGBA"), 0.99),
+        "grey 2-D": (np.asarray(Image.fromarray(image).convert("L")), 0.8),
+        "grey HxWx1": (np.asarray(Image.fromarray(image).convert("L"))[:, :, None], 0.8),
+    }
+    for label, (variant, floor) in variants.items():
+        assert cosine(analyzer.analyze(variant, name=label).normed_embedding, reference) > floor, label
+
+
+def test_huge_photo_maps_box_back_to_original_pixels(analyzer, faces):
+    image = np.asarray(Image.open(faces / "labeled" / "Grace_Hopper" / "grace_hopper_512x512.jpg").convert("RGB"))
+    base = analyzer.analyze(image)
+    huge = analyzer.analyze(np.kron(image, np.ones((8, 8, 1), np.uint8)))  # 4096x4096
+    np.testing.assert_allclose(huge.bbox, base.bbox * 8, atol=8 * 3)  # within 3 original pixels
+    np.testing.assert_allclose(huge.kps, base.kps * 8, atol=8 * 3)
+    assert cosine(huge.normed_embedding, base.normed_embedding) > 0.9
