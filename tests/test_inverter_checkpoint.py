@@ -150,7 +150,11 @@ def test_textual_inversion_file_has_both_keys_and_loads_in_diffusers(tmp_path, t
 
     tokenizer = load_clip_tokenizer(tiny_models.tokenizer)
     text_encoder = CLIPTextModel.from_pretrained(str(tiny_models.sd15 / "text_encoder"), local_files_only=True)
-    loader = TextualInversionLoaderMixin()
+    class Loader(TextualInversionLoaderMixin):  # the pipeline attributes the mixin reads
+        hf_device_map = None
+        components: dict = {}
+
+    loader = Loader()
     vectors = load_file(str(path))["clip_l"]
     loader.load_textual_inversion(vectors, token="<alice>", tokenizer=tokenizer, text_encoder=text_encoder)
     ids = tokenizer(loader.maybe_convert_prompt("a photo of <alice>", tokenizer), add_special_tokens=False)["input_ids"]
