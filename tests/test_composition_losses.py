@@ -1,0 +1,186 @@
+"""Composition-distillation losses against literal loop implementations of the paper's equations."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+
+from trainer.compositions import (
+    aligned_token_index,
+    build_prompts,
+    load_composition_pool,
+    parse_compositions,
+    sample_prompts,
+    stack_prompts,
+)
+from trainer.losses_composition import (
+    CompositionLossWeights,
+    combine_composition_losses,
+    compositional_delta_loss,
+    delta_alignment_loss,
+    elastic_face_preserving_loss,
+    orthogonal_delta,
+)
+
+D = torch.float64  # literal references are compared tightly
+
+
+def _dot(a, b):
+    return sum(x * y for x, y in zip(a, b))
+
+
+def _norm(a):
+    return math.sqrt(_dot(a, a))
+
+
+def _cos(a, b):
+    return _dot(a, b) / (_norm(a) * _norm(b))
+
+
+def ref_delta(f_sc: list, f_s: list) -> list:
+    """Eq. 5-6 with f(s) normalised: f(s,c) - <f(s,c), f(s)/|f(s)|> f(s)/|f(s)|, one vector."""
+    u = [x / _norm(f_s) for x in f_s]
+    p = _dot(f_sc, u)
+    return [a - p * b for a, b in zip(f_sc, u)]
+
+
+def ref_delta_loss(ss, sc, cs, cc) -> float:
+    """Eq. 4 for one feature type: 1 - mean over vectors of cos(delta_subject, delta_class)."""
+    cosines = []
+    for idx in torch.cartesian_prod(*[torch.arange(n) for n in ss.shape[:-1]]).reshape(-1, ss.ndim - 1):
+        i = tuple(idx.tolist())
+        ds = ref_delta(sc[i].tolist(), ss[i].tolist())
+        dc = ref_delta(cc[i].tolist(), cs[i].tolist())
+        cosines.append(_cos(ds, dc))
+    return 1.0 - sum(cosines) / len(cosines)
+
+
+def ref_face_loss(qs, qc, fs, fc, mask) -> float:
+    """Eq. 7-8: unscaled softmax(Q_s Q_c^T) row by row, warp, 1 - cos on masked pixels only."""
+    total, count = 0.0, 0
+    for b in range(qs.shape[0]):
+        for i in range(qs.shape[1]):
+            if mask[b, i] <= 0:
+                continue
+            logits = [_dot(qs[b, i].tolist(), qc[b, j].tolist()) for j in range(qc.shape[1])]
+            m = max(logits)
+            w = [math.exp(x - m) for x in logits]
+            w = [x / sum(w) for x in w]
+            warped = [sum(w[j] * fc[b, j, c].item() for j in range(fc.shape[1])) for c in range(fc.shape[2])]
+            total += 1.0 - _cos(warped, fs[b, i].tolist())
+            count += 1
+    return total / count
+
+
+def _quad(shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(*shape, generator=g, dtype=D) for _ in range(4)]
+
+
+def test_orthogonal_delta_matches_reference_and_is_orthogonal():
+    f_sc, f_s = _quad((3, 5, 7))[:2]
+    d = orthogonal_delta(f_sc, f_s)
+    for i in range(3):
+        for j in range(5):
+            assert torch.allclose(d[i, j], torch.tensor(ref_delta(f_sc[i, j].tolist(), f_s[i, j].tolist()), dtype=D))
+    assert (d * f_s).sum(-1).abs().max() < 1e-10
+
+
+def test_delta_loss_matches_reference():
+    q = _quad((2, 6, 5), seed=1)
+    assert delta_alignment_loss(*q).item() == pytest.approx(ref_delta_loss(*q), abs=1e-10)
+
+
+def test_delta_loss_invariant_to_scale_of_single_features():
+    ss, sc, cs, cc = _quad((2, 6, 5), seed=2)
+    base = delta_alignment_loss(ss, sc, cs, cc)
+    assert torch.allclose(delta_alignment_loss(ss * 3.7, sc, cs * 0.01, cc), base, atol=1e-10)
+
+
+def test_delta_loss_sums_types_and_averages_layers():
+    a, b, c = _quad((2, 4, 3), 3), _quad((2, 4, 3), 4), _quad((1, 9, 8), 5)
+    out = compositional_delta_loss({"attn_out": [a, b], "prompt": [c]}, {"attn_out": 2.0, "prompt": 0.5})
+    expect_out = (ref_delta_loss(*a) + ref_delta_loss(*b)) / 2
+    assert out["delta_attn_out"].item() == pytest.approx(expect_out, abs=1e-10)
+    assert out["delta"].item() == pytest.approx(2.0 * expect_out + 0.5 * ref_delta_loss(*c), abs=1e-10)
+
+
+def test_delta_gradients_reach_subject_not_class():
+    q = [t.requires_grad_() for t in _quad((2, 6, 5), seed=6)]
+    delta_alignment_loss(*q).backward()
+    assert q[0].grad is not None and q[0].grad.abs().sum() > 0
+    assert q[1].grad is not None and q[1].grad.abs().sum() > 0
+    assert q[2].grad is None and q[3].grad is None
+
+
+def test_face_loss_matches_reference():
+    qs, qc, fs, fc = _quad((2, 6, 4), seed=7)
+    mask = torch.tensor([[1, 0, 1, 1, 0, 0], [0, 1, 1, 0, 0, 1]], dtype=torch.float64)
+    got = elastic_face_preserving_loss(qs, qc, fs, fc, mask)
+    assert got.item() == pytest.approx(ref_face_loss(qs, qc, fs, fc, mask), abs=1e-10)
+
+
+def test_face_loss_zero_for_identity_matching_and_equal_features():
+    n = 6
+    q = (torch.eye(n, dtype=D) * 30.0).unsqueeze(0).repeat(2, 1, 1)  # Q Q^T = 900 I -> one-hot softmax
+    f = torch.randn(2, n, 5, dtype=D)
+    loss = elastic_face_preserving_loss(q, q, f, f.clone(), torch.ones(2, n, dtype=D))
+    assert loss.abs().item() < 1e-10
+
+
+def test_face_loss_ignores_unmasked_positions():
+    qs, qc, fs, fc = _quad((1, 6, 4), seed=8)
+    mask = torch.tensor([[1.0, 1.0, 0.0, 1.0, 0.0, 0.0]], dtype=D)
+    base = elastic_face_preserving_loss(qs, qc, fs, fc, mask)
+    fs2, qs2 = fs.clone(), qs.clone()
+    fs2[:, mask[0] == 0] = torch.randn(3, 4, dtype=D)
+    qs2[:, mask[0] == 0] = torch.randn(3, 4, dtype=D)
+    assert torch.allclose(elastic_face_preserving_loss(qs2, qc, fs2, fc, mask), base, atol=1e-12)
+
+
+def test_face_loss_gradients_flow_to_both_subject_branches():
+    t = [x.requires_grad_() for x in _quad((1, 5, 4), seed=9)]
+    elastic_face_preserving_loss(*t, torch.ones(1, 5)).backward()
+    assert all(x.grad is not None and x.grad.abs().sum() > 0 for x in t)
+
+
+def test_combine_weights_and_disabled_terms():
+    a = _quad((2, 4, 3), 10)
+    qs, qc, fs, fc = _quad((1, 5, 4), 11)
+    face = [(qs, qc, fs, fc, torch.ones(1, 5))]
+    w = CompositionLossWeights(delta_attn_out=1.0, delta_attn_map=0.0, delta_prompt=0.0, face_preserve=0.25)
+    out = combine_composition_losses({"attn_out": [a], "attn_map": [a]}, face, w)
+    assert set(out) == {"delta_attn_out", "delta", "face_preserve", "loss"}
+    expect = ref_delta_loss(*a) + 0.25 * ref_face_loss(qs, qc, fs, fc, torch.ones(1, 5))
+    assert out["loss"].item() == pytest.approx(expect, abs=1e-10)
+
+
+def test_pool_and_prompts(tmp_path):
+    pool = load_composition_pool()
+    assert len(pool) >= 300 and {"backgrounds", "objects", "clothing", "styles", "lighting"} <= set(pool.categories)
+    extra = tmp_path / "mine.txt"
+    extra.write_text("# mine\n[mine]\nholding a tiny teapot  # trailing comment\n\n", encoding="utf-8")
+    merged = load_composition_pool([extra])
+    assert "holding a tiny teapot" in merged.categories["mine"] and len(merged) == len(pool) + 1
+    assert parse_compositions("a\n[x]\nb").categories == {"misc": ["a"], "x": ["b"]}
+
+    q = build_prompts("in the forest", class_word="woman", placeholder="z")
+    assert q.as_list() == [
+        "a photo of z", "a photo of z in the forest", "a photo of a woman", "a photo of a woman in the forest"
+    ]
+    assert build_prompts("x", class_word="old man").class_single == "a photo of an old man"
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    assert sample_prompts(pool, ["man", None], rng=g1) == sample_prompts(pool, ["man", None], rng=g2)
+    quads = sample_prompts(pool, None, batch_size=3, rng=random.Random(0))
+    assert all(x.class_single == "a photo of a person" for x in quads)
+    flat = stack_prompts(quads)
+    assert flat[:3] == [x.subject_single for x in quads] and flat[9:] == [x.class_comp for x in quads]
+
+
+def test_aligned_token_index():
+    idx = aligned_token_index(subject_start=4, subject_len=16, class_len=2, seq_len=30)
+    assert idx.shape == (4, 14)
+    assert idx[0, :5].tolist() == [0, 1, 2, 3, 20] and idx[2, :5].tolist() == [0, 1, 2, 3, 6]

@@ -1,0 +1,169 @@
+"""Composition prompt pool and the four prompt instances of composition distillation (paper §2.3).
+
+The pool is data (``trainer/data/compositions.txt``), not code, so users can read it and extend it with
+their own file. Format: one composition per line, ``#`` starts a comment, ``[category]`` opens a section.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_POOL_FILE = Path(__file__).resolve().parent / "data" / "compositions.txt"
+DEFAULT_PLACEHOLDER = "z"
+DEFAULT_CLASS_WORD = "person"
+DEFAULT_TEMPLATE = "a photo of {subject}"
+Rng = Union[random.Random, torch.Generator, None]
+
+
+@dataclass
+class CompositionPool:
+    """Compositions by category; ``entries`` is the flat, de-duplicated list sampled uniformly."""
+
+    categories: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def entries(self) -> list[str]:
+        seen: dict[str, None] = {}
+        for items in self.categories.values():
+            for item in items:
+                seen.setdefault(item, None)
+        return list(seen)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def merge(self, other: "CompositionPool") -> "CompositionPool":
+        for cat, items in other.categories.items():
+            self.categories.setdefault(cat, []).extend(items)
+        return self
+
+
+def parse_compositions(text: str, default_category: str = "misc") -> CompositionPool:
+    """Parse the pool format (see module docstring)."""
+    pool = CompositionPool()
+    category = default_category
+    for raw in text.splitlines():
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        if line.startswith("[") and line.endswith("]"):
+            category = line[1:-1].strip() or default_category
+            continue
+        pool.categories.setdefault(category, []).append(" ".join(line.split()))
+    return pool
+
+
+def load_composition_pool(
+    extra_files: Sequence[Union[str, Path]] = (),
+    include_default: bool = True,
+    categories: Optional[Sequence[str]] = None,
+) -> CompositionPool:
+    """The packaged pool, merged with user files; optionally restricted to some categories."""
+    pool = CompositionPool()
+    files = ([DEFAULT_POOL_FILE] if include_default else []) + [Path(p) for p in extra_files]
+    for path in files:
+        pool.merge(parse_compositions(Path(path).read_text(encoding="utf-8")))
+    if categories is not None:
+        unknown = set(categories) - set(pool.categories)
+        if unknown:
+            raise ValueError(f"unknown composition categories {sorted(unknown)}; known {sorted(pool.categories)}")
+        pool = CompositionPool({c: pool.categories[c] for c in categories})
+    if not len(pool):
+        raise ValueError(f"composition pool from {files} is empty")
+    logger.info("composition pool: %d entries in %d categories", len(pool), len(pool.categories))
+    return pool
+
+
+def _randbelow(n: int, rng: Rng) -> int:
+    if isinstance(rng, torch.Generator):
+        return int(torch.randint(n, (1,), generator=rng).item())
+    return (rng or random).randrange(n)
+
+
+def with_article(word: str) -> str:
+    """'person' -> 'a person', 'old man' -> 'an old man'; words already carrying an article stay."""
+    word = word.strip()
+    first = word.split(" ", 1)[0].lower()
+    if first in {"a", "an", "the"}:
+        return word
+    return ("an " if first[:1] in "aeiou" else "a ") + word
+
+
+@dataclass(frozen=True)
+class PromptQuad:
+    """The four instances of one sample, in the batch order used by ``composition_step``."""
+
+    subject_single: str
+    subject_comp: str
+    class_single: str
+    class_comp: str
+    composition: str
+
+    def as_list(self) -> list[str]:
+        return [self.subject_single, self.subject_comp, self.class_single, self.class_comp]
+
+
+def build_prompts(
+    composition: str,
+    class_word: str = DEFAULT_CLASS_WORD,
+    placeholder: str = DEFAULT_PLACEHOLDER,
+    template: str = DEFAULT_TEMPLATE,
+) -> PromptQuad:
+    """'a photo of z', 'a photo of z <comp>', 'a photo of a <class>', 'a photo of a <class> <comp>'."""
+    subj = template.format(subject=placeholder)
+    cls = template.format(subject=with_article(class_word))
+    comp = composition.strip()
+    return PromptQuad(subj, f"{subj} {comp}", cls, f"{cls} {comp}", comp)
+
+
+def sample_prompts(
+    pool: CompositionPool,
+    class_words: Union[str, Sequence[Optional[str]], None] = None,
+    batch_size: Optional[int] = None,
+    rng: Rng = None,
+    placeholder: str = DEFAULT_PLACEHOLDER,
+    default_class_word: str = DEFAULT_CLASS_WORD,
+    template: str = DEFAULT_TEMPLATE,
+) -> list[PromptQuad]:
+    """One seeded composition per sample; ``class_words`` per sample (from metadata; None -> default)."""
+    if class_words is None or isinstance(class_words, str):
+        n = batch_size or 1
+        class_words = [class_words] * n
+    entries = pool.entries
+    quads = []
+    for word in class_words:
+        comp = entries[_randbelow(len(entries), rng)]
+        quads.append(build_prompts(comp, word or default_class_word, placeholder, template))
+    return quads
+
+
+def stack_prompts(quads: Sequence[PromptQuad]) -> list[str]:
+    """Flatten B quads into 4B prompts: all subject-single, then subject-comp, class-single, class-comp."""
+    return [getattr(q, kind) for kind in ("subject_single", "subject_comp", "class_single", "class_comp") for q in quads]
+
+
+def aligned_token_index(
+    subject_start: int,
+    subject_len: int,
+    class_len: int,
+    seq_len: int = 77,
+) -> torch.Tensor:
+    """``[4, K]`` token positions that correspond across the four prompts (for ``composition_step``).
+
+    In the subject prompts the ``subject_len`` subject tokens (e.g. 16 AdaFace tokens) start at position
+    ``subject_start`` (4 for 'a photo of z': BOS, a, photo, of); in the class prompts the ``class_len``
+    tokens of 'a <class word>' start there too. Each shifts the later tokens by a different amount;
+    dropping them lines up the template, the composition words, EOS and padding.
+    """
+    subj = list(range(subject_start)) + list(range(subject_start + subject_len, seq_len))
+    cls = list(range(subject_start)) + list(range(subject_start + class_len, seq_len))
+    k = min(len(subj), len(cls))
+    return torch.tensor([subj[:k], subj[:k], cls[:k], cls[:k]], dtype=torch.long)
