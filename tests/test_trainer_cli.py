@@ -1,0 +1,69 @@
+"""The trainer as users run it: the smoke preset end to end, and two CPU processes under accelerate."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from adaface_core.checkpoint import load_inverter
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _env():
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1")
+    return env
+
+
+def test_smoke_preset_end_to_end(tmp_path):
+    out = tmp_path / "smoke"
+    proc = subprocess.run([sys.executable, "trainer/run.py", "--preset", "smoke", "--output", str(out), "--no-progress"],
+                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=170)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    log = proc.stdout
+    assert "SMOKE RUN" in log and "not model quality" in log
+    final = out / "face" / "adaface_inverter.safetensors"
+    inverter = load_inverter(final)  # what ComfyUI's Load AdaFace node does
+    assert inverter.config.attention_multipliers == [4, 2, 1]
+    assert len(inverter.config.expansion_history) == 2
+    assert (out / "smoke_conditioning.safetensors").is_file()
+    assert (out / "face" / "losses.csv").read_text().count("\n") == 31
+    assert str(final) in log
+    if (out / "models" / "buffalo_s").is_dir():  # a real detector was installed: real photos were used
+        assert "coffee_no_face.jpg" in (out / "no_face.txt").read_text()
+        assert "the face in" in log
+
+
+def test_two_cpu_processes_agree(tiny_models, tmp_path):
+    if shutil.which("accelerate") is None and not (Path(sys.executable).parent / "accelerate").is_file():
+        pytest.skip("accelerate CLI not installed")
+    accelerate = str(Path(sys.executable).parent / "accelerate")
+    config = {
+        "models": {"sd15": str(tiny_models.sd15), "arc2face": str(tiny_models.arc2face)},
+        "data": {"image_size": 32, "random_id_prob": 1.0},
+        "run": {"output": str(tmp_path / "ddp"), "save_every": 2, "log_every": 1, "device": "cpu", "tensorboard": False},
+        "face": {
+            "max_steps": 4,
+            "optim": {"optimizer": "adamw", "lr": 1e-3, "batch_size": 1, "grad_accum": 2},
+            "loss": {"chain_steps": 1},
+            "expansion": {"factors": [[2, 1, 1]], "forced_steps": [2]},
+        },
+    }
+    path = tmp_path / "ddp.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    proc = subprocess.run(
+        # accelerate 1.15 launches several CPU processes only through MPI with --cpu; --multi_gpu goes
+        # through torchrun and, with no GPU present, runs gloo on the CPU.
+        [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+         "--dynamo_backend", "no", "trainer/run.py", "--config", str(path), "--no-progress"],
+        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "weights agree across 2 processes" in proc.stdout
+    step = tmp_path / "ddp" / "face" / "checkpoints" / "step_0000004"
+    assert (step / "rng_rank0.pt").is_file() and (step / "rng_rank1.pt").is_file()
+    assert load_inverter(step / "inverter.safetensors").config.attention_multipliers == [2, 1, 1]

@@ -1,0 +1,133 @@
+"""Trainer configuration and data handling: paper config validation, missing paths, face-ID caching."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from adaface_core.errors import ConfigError, ModelFileMissingError, NoFaceError
+from trainer.config import config_from_dict, load_config
+from trainer.data import compute_face_ids, scan_images
+from trainer.face_space import FaceSpace
+
+REPO = Path(__file__).resolve().parent.parent
+PAPER = REPO / "trainer" / "configs" / "stage1_paper.yaml"
+
+
+def test_paper_config_loads_with_the_paper_settings():
+    config = load_config(PAPER).validate(check_paths=False)
+    face = config.face
+    assert face.max_steps == 240000
+    assert (face.optim.optimizer, face.optim.d_coef, face.optim.batch_size, face.optim.grad_accum) == ("prodigy", 2.0, 4, 2)
+    assert config.data.random_id_prob == 0.4
+    assert face.loss.cfg_prob == 0.6 and face.loss.cfg_scale == (1.5, 2.5) and face.loss.first_t == (0.7, 0.9)
+    final = np.prod(np.array(face.expansion.factors), axis=0).tolist()
+    assert len(face.expansion.factors) == 2 and final == [8, 8, 8] + [4] * 9
+
+
+def test_paper_config_without_models_names_each_missing_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the relative model paths resolve against an empty folder
+    config = load_config(PAPER)
+    with pytest.raises(ModelFileMissingError) as info:
+        config.validate()
+    message = str(info.value)
+    for needle in ("stable-diffusion-v1-5/unet", "stable-diffusion-v1-5/text_encoder", "stable-diffusion-v1-5/tokenizer",
+                   "stable-diffusion-v1-5/vae", "stable-diffusion-v1-5/scheduler", "arc2face/encoder",
+                   "arc2face/arc2face", "data/faces_train", "antelopev2"):
+        assert needle in message, needle
+    assert message.startswith("9 path(s)")
+
+
+def test_all_shipped_configs_validate_without_paths():
+    for path in sorted((REPO / "trainer" / "configs").glob("*.yaml")):
+        load_config(path).validate(check_paths=False)
+
+
+def test_config_errors_are_named():
+    with pytest.raises(ConfigError, match="unknown key.*face.optim: lrr"):
+        config_from_dict({"face": {"optim": {"lrr": 1}}})
+    with pytest.raises(ConfigError, match="face.loss.first_t must be a list of 2"):
+        config_from_dict({"face": {"loss": {"first_t": 0.7}}})
+    with pytest.raises(ConfigError, match="fp16"):
+        config_from_dict({"run": {"mixed_precision": "fp16"}}).validate(check_paths=False)
+    with pytest.raises(ConfigError, match="optimizer"):
+        config_from_dict({"face": {"optim": {"optimizer": "sgd"}}}).validate(check_paths=False)
+
+
+def test_single_file_sd_checkpoint_gets_a_clear_error(tmp_path):
+    ckpt = tmp_path / "v1-5.safetensors"
+    ckpt.write_bytes(b"x")
+    with pytest.raises(ModelFileMissingError, match="diffusers"):
+        config_from_dict({"models": {"sd15": str(ckpt)}}).validate()
+
+
+class FakeAnalyzer:
+    calls = 0
+
+    def analyze(self, image, name=None):
+        FakeAnalyzer.calls += 1
+        if "noface" in str(image):
+            raise NoFaceError(f"no face found in {name}")
+        rng = np.random.default_rng(len(str(image)))
+        v = rng.standard_normal(512).astype(np.float32)
+
+        class Face:
+            normed_embedding = v / np.linalg.norm(v)
+
+        return Face()
+
+
+def _write(path: Path, mask: bool = False):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((40, 48, 3), 128, np.uint8)).save(path)
+    if mask:
+        m = np.zeros((40, 48), np.uint8)
+        m[10:30, 12:36] = 255
+        Image.fromarray(m).save(path.with_name(path.stem + "_mask.png"))
+
+
+def test_faceless_images_are_listed_and_skipped_and_ids_are_cached(tmp_path):
+    root = tmp_path / "faces"
+    _write(root / "a" / "one.jpg", mask=True)
+    _write(root / "b" / "two.png")
+    _write(root / "noface.webp")
+    images = scan_images(root)
+    assert [p.name for p in images] == ["one.jpg", "two.png", "noface.webp"]  # masks are not images
+    cache, skipped = tmp_path / "ids.safetensors", tmp_path / "out" / "no_face.txt"
+    FakeAnalyzer.calls = 0
+    kept, vectors = compute_face_ids(root, images, cache, FakeAnalyzer, skipped)
+    assert [p.name for p in kept] == ["one.jpg", "two.png"] and vectors.shape == (2, 512)
+    assert "noface.webp" in skipped.read_text()
+    assert FakeAnalyzer.calls == 3
+
+    def no_analyzer():
+        raise AssertionError("everything is cached: the face models must not be loaded")
+
+    kept2, vectors2 = compute_face_ids(root, images, cache, no_analyzer, skipped)
+    assert kept2 == kept and torch.equal(vectors, vectors2)
+
+    from trainer.data import FaceImages
+
+    data = FaceImages(root, kept, vectors, 32)
+    pixels, mask = data.load(0)
+    assert pixels.shape == (3, 32, 32) and -1 <= float(pixels.min()) and float(pixels.max()) <= 1
+    assert 0 < float(mask.mean()) < 1
+    assert float(data.load(1)[1].mean()) == 1.0  # no mask file: the whole image counts
+
+    space = FaceSpace(data, 64, random_id_prob=0.5, id_noise_std=0.01)
+    batch = space.sample(8, torch.Generator().manual_seed(0))
+    assert batch.id_vectors.shape == (8, 64)
+    assert torch.allclose(batch.id_vectors.norm(dim=-1), torch.ones(8), atol=1e-5)
+    assert 0 < int(batch.has_image.sum()) < 8
+
+
+def test_empty_or_faceless_folders_are_clear_errors(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="no training images"):
+        scan_images(tmp_path / "empty")
+    _write(tmp_path / "nf" / "noface.png")
+    with pytest.raises(ConfigError, match="none of the 1 images"):
+        compute_face_ids(tmp_path / "nf", scan_images(tmp_path / "nf"), tmp_path / "c.safetensors", FakeAnalyzer,
+                         tmp_path / "skip.txt")

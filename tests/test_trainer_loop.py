@@ -1,0 +1,164 @@
+"""Stage-1 training loop on tiny models: learning, expansion, exact resume, crash safety."""
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+from accelerate import Accelerator
+
+from adaface_core.checkpoint import load_inverter
+from trainer import checkpointing
+from trainer.config import config_from_dict
+from trainer.loop import SimulatedCrash, Trainer, heldout_loss
+from trainer.models import build_models
+from trainer.run import main
+from trainer.stages import build_face_stage
+
+
+@pytest.fixture(scope="module")
+def models_root(tiny_models, tmp_path_factory):
+    """The session's tiny models, with the teacher UNet sharing the SD1.5 UNet's weights.
+
+    Arc2Face's UNet is a fine-tune of SD1.5's, so the student can come close to the teacher; with two
+    unrelated random UNets the reachable loss floor is near the starting loss and nothing is learnt.
+    """
+    root = tmp_path_factory.mktemp("trainer_models")
+    arc2face = root / "arc2face"
+    shutil.copytree(tiny_models.encoder, arc2face / "encoder")
+    shutil.copytree(tiny_models.sd15 / "unet", arc2face / "arc2face")
+    return {"sd15": str(tiny_models.sd15), "arc2face": str(arc2face)}
+
+
+def make_config(models_root, output, **face):
+    face_section = {
+        "max_steps": 12,
+        "optim": {"optimizer": "adamw", "lr": 2e-3, "batch_size": 2, "grad_accum": 2, "weight_decay": 0.0},
+        "loss": {"chain_steps": 2, "cfg_prob": 0.6},
+        "expansion": {"factors": [[2, 1, 1], [1, 2, 1]], "forced_steps": [4, 8], "perturb_std": 0.1},
+    }
+    face_section.update(face)
+    return {
+        "models": dict(models_root),
+        "data": {"image_size": 32, "random_id_prob": 1.0},
+        "run": {"output": str(output), "seed": 3, "save_every": 3, "log_every": 1, "device": "cpu", "tensorboard": False},
+        "face": face_section,
+    }
+
+
+def write_config(path: Path, values: dict) -> Path:
+    path.write_text(yaml.safe_dump(values), encoding="utf-8")
+    return path
+
+
+def run_cli(config_path, *extra):
+    return main(["--config", str(config_path), "--no-progress", *extra])
+
+
+def weights(path):
+    return load_inverter(path).state_dict()
+
+
+def assert_same_weights(a, b, atol=1e-6):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert a[key].shape == b[key].shape, key
+        assert torch.allclose(a[key], b[key], atol=atol, rtol=0), key
+
+
+def test_heldout_face_distillation_loss_halves(models_root, tmp_path):
+    config = config_from_dict(make_config(models_root, tmp_path, max_steps=120,
+                                          optim={"optimizer": "adamw", "lr": 2e-3, "batch_size": 4, "grad_accum": 1,
+                                                 "weight_decay": 0.0},
+                                          expansion={"enabled": False}))
+    torch.manual_seed(0)
+    accelerator = Accelerator(cpu=True)
+    models = build_models(config, torch.device("cpu"), need_vae=False)
+    stage = build_face_stage(config, config.face, models, accelerator, tmp_path)
+    before = heldout_loss(stage, models, batches=2, batch_size=8)
+    trainer = Trainer(stage, config.face, models, accelerator, tmp_path / "face", seed=0, save_every=10**6,
+                      show_progress=False, tensorboard=False)
+    result = trainer.train()
+    after = heldout_loss(stage, models, batches=2, batch_size=8)
+    assert after < 0.5 * before, (before, after)
+    assert (tmp_path / "face" / "losses.csv").read_text().count("\n") == 13  # header + every 10th step
+    assert load_inverter(result.final_checkpoint).config.attention_multipliers == [1, 1, 1]
+
+
+def test_expansion_through_the_trainer_keeps_the_output_at_zero_noise(models_root, tmp_path):
+    config = config_from_dict(make_config(models_root, tmp_path, expansion={"factors": [[2, 4, 1]], "perturb_std": 0.0}))
+    accelerator = Accelerator(cpu=True)
+    models = build_models(config, torch.device("cpu"), need_vae=False, need_teacher=False)
+    stage = build_face_stage(config, config.face, models, accelerator, tmp_path)
+    trainer = Trainer(stage, config.face, models, accelerator, tmp_path / "face", show_progress=False, tensorboard=False)
+    ids = F.normalize(torch.randn(3, models.id_dim, generator=torch.Generator().manual_seed(1)), dim=-1)
+    with torch.no_grad():
+        tokens = models.id_encoder(ids).id_tokens
+        before = trainer.inverter(tokens)
+        old_params = {id(p) for p in trainer.optimizer.param_groups[0]["params"]}
+        trainer._expand([2, 4, 1])
+        after = trainer.inverter(tokens)
+    assert trainer.inverter.config.attention_multipliers == [2, 4, 1]
+    assert trainer.inverter.config.expansion_history[-1]["factors"] == [2, 4, 1]
+    assert torch.allclose(before, after, atol=1e-5)
+    new_params = trainer.optimizer.param_groups[0]["params"]
+    assert {id(p) for p in trainer.inverter.parameters() if p.requires_grad} == {id(p) for p in new_params}
+    assert old_params != {id(p) for p in new_params}
+
+
+def test_n_steps_resume_n_steps_equals_2n_steps(models_root, tmp_path):
+    straight = write_config(tmp_path / "straight.yaml", make_config(models_root, tmp_path / "straight"))
+    result = run_cli(straight)
+    full = weights(result.stages[0].final_checkpoint)
+    assert load_inverter(result.stages[0].final_checkpoint).config.attention_multipliers == [2, 2, 1]
+
+    split = write_config(tmp_path / "split.yaml", make_config(models_root, tmp_path / "split"))
+    run_cli(split, "--max-steps", "6")
+    resumed = run_cli(split, "--resume", str(tmp_path / "split"))
+    assert resumed.stages[0].steps == 12 and len(resumed.stages[0].losses) == 6
+    assert_same_weights(full, weights(resumed.stages[0].final_checkpoint))
+    rows = (tmp_path / "split" / "face" / "losses.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in rows[1:]] == [str(i) for i in range(1, 13)]
+
+
+def test_crash_midway_then_resume_loses_only_unsaved_steps(models_root, tmp_path):
+    reference = run_cli(write_config(tmp_path / "ref.yaml", make_config(models_root, tmp_path / "ref")))
+    config = write_config(tmp_path / "crash.yaml", make_config(models_root, tmp_path / "crash"))
+    with pytest.raises(SimulatedCrash):
+        run_cli(config, "--crash-at-step", "8")
+    ckpts = tmp_path / "crash" / "face" / "checkpoints"
+    assert [p.name for p in sorted(ckpts.iterdir())] == ["step_0000003", "step_0000006"]  # steps 7-8 lost
+    assert load_inverter(ckpts / "step_0000006" / "inverter.safetensors").config.attention_multipliers == [2, 1, 1]
+
+    # A kill during a checkpoint write leaves only a temporary folder, which the next start removes.
+    original = checkpointing.save_inverter
+
+    def dying_save(*args, **kwargs):
+        raise KeyboardInterrupt("killed while writing")
+
+    checkpointing.save_inverter = dying_save
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_cli(config, "--resume", str(tmp_path / "crash"))
+    finally:
+        checkpointing.save_inverter = original
+    assert (ckpts / ".tmp-step_0000009").is_dir()
+    assert checkpointing.list_checkpoints(ckpts)[-1][0] == 6
+
+    resumed = run_cli(config, "--resume", str(tmp_path / "crash"))
+    assert not [p for p in ckpts.iterdir() if p.name.startswith(".")]
+    assert not list((tmp_path / "crash").rglob("*.tmp"))
+    assert_same_weights(weights(reference.stages[0].final_checkpoint), weights(resumed.stages[0].final_checkpoint))
+    assert [n for n, _ in checkpointing.list_checkpoints(ckpts)] == [6, 9, 12]  # keep_last = 3
+
+
+def test_trainer_state_loads_with_weights_only(models_root, tmp_path):
+    run_cli(write_config(tmp_path / "c.yaml", make_config(models_root, tmp_path / "o", max_steps=3,
+                                                          optim={"optimizer": "prodigy", "batch_size": 1, "grad_accum": 1})))
+    step = tmp_path / "o" / "face" / "checkpoints" / "step_0000003"
+    state = torch.load(step / "trainer_state.pt", weights_only=True)
+    assert state["step"] == 3 and "d" in state["optimizer"]["param_groups"][0]
+    rng = torch.load(step / "rng_rank0.pt", weights_only=True)
+    assert {"python", "numpy", "torch", "generator"} <= set(rng)

@@ -1,0 +1,180 @@
+"""Training checkpoints that are atomic, resumable bit for bit, and loadable by the ComfyUI node.
+
+``<stage_dir>/checkpoints/step_0001000/`` holds
+- ``inverter.safetensors``: the core's format (``adaface_core.checkpoint.save_inverter``), so the
+  Load AdaFace node and ``load_inverter`` read it directly; it carries the expansion history;
+- ``trainer_state.pt``: optimizer, LR scheduler, step, expansion / plateau state and RNG states,
+  all plain tensors, numbers, strings, lists and dicts, written with ``torch.save`` and read back
+  only with ``torch.load(weights_only=True)``;
+- ``rng_rank<r>.pt``: each process's RNG states (same rules).
+A checkpoint is written into ``.tmp-step_…`` and renamed into place as a whole, so a crash leaves
+either the complete folder or none (a stale temporary folder is deleted on the next start).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import numpy as np
+import torch
+
+from adaface_core.checkpoint import load_inverter, save_inverter
+from adaface_core.errors import CheckpointError
+from adaface_core.inverter import PromptInverter
+
+logger = logging.getLogger(__name__)
+
+STEP_DIR = re.compile(r"^step_(\d{7,})$")
+INVERTER_FILE = "inverter.safetensors"
+STATE_FILE = "trainer_state.pt"
+STATE_FORMAT = "adaface-trainer-state"
+
+
+def rng_state(generator: Optional[torch.Generator] = None) -> dict[str, Any]:
+    """Every RNG a step may touch, as weights_only-loadable values."""
+    py = random.getstate()
+    np_state = np.random.get_state()
+    state = {
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gauss": float(np_state[4])},
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+    if generator is not None:
+        state["generator"] = generator.get_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any], generator: Optional[torch.Generator] = None) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gauss"]))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if generator is not None and "generator" in state:
+        generator.set_state(state["generator"])
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:07d}"
+
+
+def list_checkpoints(checkpoints_dir: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints (both files present), oldest first."""
+    found = []
+    if checkpoints_dir.is_dir():
+        for child in checkpoints_dir.iterdir():
+            match = STEP_DIR.match(child.name)
+            if match and (child / INVERTER_FILE).is_file() and (child / STATE_FILE).is_file():
+                found.append((int(match.group(1)), child))
+    return sorted(found)
+
+
+def clean_stale(checkpoints_dir: Path) -> None:
+    """Removes half-written checkpoint folders a crash left behind (ours only: ``.tmp-step_*``)."""
+    if checkpoints_dir.is_dir():
+        for child in checkpoints_dir.iterdir():
+            if child.name.startswith(".tmp-step_") and child.is_dir():
+                logger.warning("removing an incomplete checkpoint left by an interrupted run: %s", child)
+                shutil.rmtree(child, ignore_errors=True)
+
+
+def find_resume_checkpoint(path: Union[str, Path], stage: str) -> Optional[Path]:
+    """``path`` may be a run's output folder, a stage folder, its ``checkpoints/`` folder or one ``step_*`` folder."""
+    path = Path(path)
+    if STEP_DIR.match(path.name) and (path / STATE_FILE).is_file():
+        return path
+    for candidate in (path / stage / "checkpoints", path / "checkpoints", path):
+        found = list_checkpoints(candidate)
+        if found:
+            return found[-1][1]
+    return None
+
+
+@dataclass
+class LoadedState:
+    inverter: PromptInverter
+    state: dict[str, Any]
+    rng: Optional[dict[str, Any]]
+    path: Path
+
+
+def save_checkpoint(
+    checkpoints_dir: Path,
+    step: int,
+    inverter: PromptInverter,
+    state: dict[str, Any],
+    accelerator,
+    generator: torch.Generator,
+    keep_last: int,
+    metadata: Optional[dict[str, str]] = None,
+) -> Path:
+    """Collective: every process calls it (each stores its own RNG states); process 0 writes the rest."""
+    final = checkpoints_dir / step_dir_name(step)
+    tmp = checkpoints_dir / f".tmp-{step_dir_name(step)}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    torch.save(rng_state(generator), tmp / f"rng_rank{accelerator.process_index}.pt")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        meta = {"step": str(step)}
+        meta.update(metadata or {})
+        save_inverter(inverter, tmp / INVERTER_FILE, meta)
+        torch.save(dict(state, format=STATE_FORMAT, step=step), tmp / STATE_FILE)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(checkpoints_dir)
+        for _, old in list_checkpoints(checkpoints_dir)[:-keep_last] if keep_last > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+        logger.debug("checkpoint written: %s", final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def load_checkpoint(step_dir: Path, process_index: int = 0) -> LoadedState:
+    """Reads a checkpoint written by ``save_checkpoint`` (tensors and plain values only)."""
+    step_dir = Path(step_dir)
+    inverter = load_inverter(step_dir / INVERTER_FILE).train()
+    try:
+        state = torch.load(step_dir / STATE_FILE, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"cannot read the trainer state in {step_dir}: {exc}") from exc
+    if state.get("format") != STATE_FORMAT:
+        raise CheckpointError(f"{step_dir / STATE_FILE} is not an AdaFace trainer state")
+    rng_file = step_dir / f"rng_rank{process_index}.pt"
+    rng = torch.load(rng_file, map_location="cpu", weights_only=True) if rng_file.is_file() else None
+    if rng is None:
+        logger.warning("%s has no RNG state for process %d: the data order will differ from an uninterrupted run",
+                       step_dir, process_index)
+    return LoadedState(inverter, state, rng, step_dir)
+
+
+def config_json(values: dict) -> str:
+    return json.dumps(values, sort_keys=True)

@@ -1,0 +1,280 @@
+"""Training configuration: YAML -> typed dataclasses, validated, with every missing path named at once."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+from adaface_core.errors import ConfigError, ModelFileMissingError
+
+
+@dataclass
+class ModelsConfig:
+    sd15: str = ""
+    """Diffusers SD1.5 folder (unet/ text_encoder/ tokenizer/ vae/ scheduler/)."""
+    arc2face: str = ""
+    """FoivosPar/Arc2Face folder (encoder/ and arc2face/)."""
+    face_pack: str = ""
+    """insightface pack folder (antelopev2) for the ArcFace vectors of the training images; '' = random IDs only."""
+    init_inverter: str = ""
+    """Optional AdaFace checkpoint to start from; '' = a fresh inverter from SD1.5's (OpenAI CLIP-L) text encoder."""
+    face_provider: str = "auto"
+
+
+@dataclass
+class DataConfig:
+    root: str = ""
+    """Folder tree of face images (jpg/png/webp), each optionally with ``<name>_mask.png`` beside it."""
+    image_size: int = 512
+    random_id_prob: float = 0.4
+    id_noise_std: float = 0.04
+    """Std of the Gaussian noise added to real ArcFace vectors (before renormalising)."""
+    cache_file: str = ""
+    """ArcFace vector cache (safetensors); '' = ``<output>/face_ids.safetensors``."""
+
+
+@dataclass
+class FaceLossConfig:
+    student_prompt: str = "photo of a z person"
+    placeholder: str = "z"
+    chain_steps: int = 3
+    first_t: tuple[float, float] = (0.7, 0.9)
+    """First timestep of the chain, as a fraction of T, uniform in this range."""
+    next_t_ratio: tuple[float, float] = (0.5, 0.8)
+    """Each next timestep is the previous one times a ratio uniform in this range."""
+    cfg_prob: float = 0.6
+    cfg_scale: tuple[float, float] = (1.5, 2.5)
+    use_masks: bool = True
+
+
+@dataclass
+class OptimConfig:
+    optimizer: str = "prodigy"
+    lr: float = 1.0
+    d_coef: float = 2.0
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    batch_size: int = 4
+    grad_accum: int = 2
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+
+
+@dataclass
+class ExpansionConfig:
+    enabled: bool = True
+    factors: list[list[int]] = field(default_factory=list)
+    """Per-expansion factors per inverter layer, applied in order (their product = final multipliers)."""
+    forced_steps: list[int] = field(default_factory=list)
+    """Expansion i happens at forced_steps[i] at the latest (0 or missing = plateau only)."""
+    ema_beta: float = 0.99
+    patience: int = 2000
+    min_rel_improvement: float = 0.01
+    warmup_steps: int = 5000
+    min_steps_between: int = 10000
+    perturb_std: float = 0.1
+
+
+@dataclass
+class StageConfig:
+    max_steps: int = 240000
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    expansion: ExpansionConfig = field(default_factory=ExpansionConfig)
+    loss: FaceLossConfig = field(default_factory=FaceLossConfig)
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Stage-specific settings a stage plugin reads itself (stage 2 puts its knobs here)."""
+
+
+@dataclass
+class RunConfig:
+    output: str = "outputs/train"
+    seed: int = 0
+    save_every: int = 1000
+    keep_last: int = 3
+    log_every: int = 10
+    mixed_precision: str = "no"
+    """no | bf16 (frozen UNets are cast to bf16 too); fp16 is not supported (no loss scaling here)."""
+    device: str = "auto"
+    """auto (CUDA when present, else CPU) or cpu."""
+    tensorboard: bool = True
+    gradient_checkpointing: bool = False
+    """Recompute the student UNet's activations in the backward pass: less memory, about 1/3 more time."""
+
+
+@dataclass
+class TrainConfig:
+    models: ModelsConfig = field(default_factory=ModelsConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    face: StageConfig = field(default_factory=StageConfig)
+    composition: Optional[StageConfig] = None
+    stage: str = "face"
+
+    def validate(self, check_paths: bool = True) -> "TrainConfig":
+        problems = []
+        if self.stage not in ("face", "composition", "both"):
+            problems.append(f"stage must be face, composition or both, got {self.stage!r}")
+        for name, stage in (("face", self.face), ("composition", self.composition)):
+            if stage is None:
+                continue
+            o = stage.optim
+            if o.optimizer not in ("prodigy", "adamw"):
+                problems.append(f"{name}.optim.optimizer must be prodigy or adamw, got {o.optimizer!r}")
+            if o.batch_size < 1 or o.grad_accum < 1 or stage.max_steps < 0:
+                problems.append(f"{name}: batch_size and grad_accum must be >= 1 and max_steps >= 0")
+            loss = stage.loss
+            if loss.chain_steps < 1:
+                problems.append(f"{name}.loss.chain_steps must be >= 1")
+            if not 0.0 <= loss.first_t[0] <= loss.first_t[1] <= 1.0:
+                problems.append(f"{name}.loss.first_t must be a range inside [0, 1], got {loss.first_t}")
+            if not 0.0 < loss.next_t_ratio[0] <= loss.next_t_ratio[1] < 1.0:
+                problems.append(f"{name}.loss.next_t_ratio must be a range inside (0, 1), got {loss.next_t_ratio}")
+            if not 0.0 <= loss.cfg_prob <= 1.0:
+                problems.append(f"{name}.loss.cfg_prob must be in [0, 1]")
+            for factors in stage.expansion.factors:
+                if not factors or any(int(f) < 1 for f in factors):
+                    problems.append(f"{name}.expansion.factors entries must be non-empty lists of ints >= 1")
+        if not 0.0 <= self.data.random_id_prob <= 1.0:
+            problems.append("data.random_id_prob must be in [0, 1]")
+        if self.data.image_size % 8:
+            problems.append("data.image_size must be a multiple of 8 (the VAE's downsampling)")
+        if self.run.mixed_precision not in ("no", "bf16"):
+            problems.append(f"run.mixed_precision must be 'no' or 'bf16', got {self.run.mixed_precision!r} "
+                            "(fp16 would need loss scaling; use bf16)")
+        if self.stage in ("composition", "both") and self.composition is None:
+            problems.append(f"stage {self.stage!r} needs a 'composition:' section")
+        if problems:
+            raise ConfigError("invalid training configuration: " + "; ".join(problems))
+        if check_paths:
+            self.check_paths()
+        return self
+
+    def required_paths(self) -> list[tuple[str, Path]]:
+        sd, a2f = Path(self.models.sd15 or "<unset>"), Path(self.models.arc2face or "<unset>")
+        paths = [
+            ("models.sd15 unet", sd / "unet" / "config.json"),
+            ("models.sd15 text_encoder", sd / "text_encoder" / "config.json"),
+            ("models.sd15 tokenizer", sd / "tokenizer" / "vocab.json"),
+            ("models.sd15 vae", sd / "vae" / "config.json"),
+            ("models.sd15 scheduler", sd / "scheduler" / "scheduler_config.json"),
+            ("models.arc2face encoder", a2f / "encoder" / "config.json"),
+            ("models.arc2face unet", a2f / "arc2face" / "config.json"),
+        ]
+        if self.data.root:
+            paths.append(("data.root", Path(self.data.root)))
+        if self.models.face_pack:
+            paths.append(("models.face_pack", Path(self.models.face_pack)))
+        if self.models.init_inverter:
+            paths.append(("models.init_inverter", Path(self.models.init_inverter)))
+        return paths
+
+    def check_paths(self) -> None:
+        if self.models.sd15 and Path(self.models.sd15).is_file():
+            raise ModelFileMissingError(
+                f"models.sd15 is a single file ({self.models.sd15}); the trainer reads a diffusers SD1.5 folder "
+                "(unet/ text_encoder/ tokenizer/ vae/ scheduler/). Convert it once with diffusers' "
+                "scripts/convert_original_stable_diffusion_to_diffusers.py, or point to a diffusers folder."
+            )
+        missing = [f"{what}: {path}" for what, path in self.required_paths() if not path.exists()]
+        if missing:
+            raise ModelFileMissingError(
+                f"{len(missing)} path(s) named by the training configuration do not exist:\n  " + "\n  ".join(missing)
+            )
+
+
+def _build(cls: Any, values: Any, where: str) -> Any:
+    """Recursively builds dataclass ``cls`` from a mapping, rejecting unknown keys by name."""
+    if values is None:
+        return cls()
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where or 'config'} must be a mapping, got {type(values).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(f"unknown key(s) in {where or 'config'}: {', '.join(unknown)} (known: {', '.join(sorted(names))})")
+    kwargs = {}
+    for key, value in values.items():
+        kwargs[key] = _convert(hints[key], value, f"{where}.{key}" if where else key)
+    return cls(**kwargs)
+
+
+def _convert(hint: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin is Union:
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        return None if value is None else _convert(args[0], value, where)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, where)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(typing.get_args(hint)):
+            raise ConfigError(f"{where} must be a list of {len(typing.get_args(hint))} values, got {value!r}")
+        return tuple(_convert(a, v, where) for a, v in zip(typing.get_args(hint), value))
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where} must be a list, got {value!r}")
+        (arg,) = typing.get_args(hint)
+        return [_convert(arg, v, where) for v in value]
+    if origin is dict or hint is Any:
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where} must be a number, got {value!r}")
+        return float(value)
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where} must be an integer, got {value!r}")
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false, got {value!r}")
+        return value
+    if hint is str:
+        return "" if value is None else str(value)
+    return value
+
+
+def config_from_dict(values: dict, base_dir: Optional[Path] = None) -> TrainConfig:
+    """A configuration from a mapping; relative paths resolve against ``base_dir`` (the YAML's folder)."""
+    config = _build(TrainConfig, values, "")
+    if base_dir is not None:
+        for obj, attr in ((config.models, "sd15"), (config.models, "arc2face"), (config.models, "face_pack"),
+                          (config.models, "init_inverter"), (config.data, "root"), (config.data, "cache_file")):
+            value = getattr(obj, attr)
+            if value and not Path(value).expanduser().is_absolute():
+                setattr(obj, attr, str((base_dir / value).resolve()))
+            elif value:
+                setattr(obj, attr, str(Path(value).expanduser()))
+    return config
+
+
+def load_config(path: Union[str, Path]) -> TrainConfig:
+    """Reads a YAML file into a ``TrainConfig`` (not yet validated: call ``.validate()``).
+
+    Relative paths in it are relative to the working directory (run from the repository root)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileMissingError(f"training configuration not found: {path}")
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+    return config_from_dict(values)
+
+
+def config_to_dict(config: TrainConfig) -> dict:
+    def plain(value: Any) -> Any:
+        if isinstance(value, tuple):
+            return [plain(v) for v in value]
+        if isinstance(value, list):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+
+    return plain(dataclasses.asdict(config))

@@ -1,0 +1,167 @@
+"""Training images: a folder tree of face photos, their optional masks, and their cached ArcFace vectors.
+
+A photo ``x.jpg`` may have ``x_mask.png`` beside it (foreground = nonzero, e.g. BiSeNet parsing
+label != 0). Photos without a detectable face are logged, listed in ``<output>/no_face.txt`` and
+skipped; a folder with none at all is an error. ArcFace vectors are computed once and cached in a
+safetensors file keyed by relative path + size + mtime, so a changed or added photo is redone alone.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors import safe_open
+
+from adaface_core.checkpoint import atomic_save_safetensors
+from adaface_core.errors import ConfigError, ModelFileMissingError
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+MASK_SUFFIX = "_mask.png"
+
+
+def scan_images(root: Path) -> list[Path]:
+    """Every image under ``root`` (sorted, so the order is the same on every machine), masks excluded."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ModelFileMissingError(f"training image folder not found: {root}")
+    images = sorted(
+        p for p in root.rglob("*")
+        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.lower().endswith(MASK_SUFFIX)
+    )
+    if not images:
+        raise ConfigError(f"no training images (jpg/png/webp) under {root}")
+    return images
+
+
+def mask_path(image: Path) -> Path:
+    return image.with_name(image.stem + MASK_SUFFIX)
+
+
+def _key(root: Path, image: Path) -> str:
+    stat = image.stat()
+    return f"{image.relative_to(root).as_posix()}|{stat.st_size}|{stat.st_mtime_ns}"
+
+
+def compute_face_ids(
+    root: Path,
+    images: Sequence[Path],
+    cache_file: Path,
+    analyzer_factory,
+    skipped_file: Optional[Path] = None,
+) -> tuple[list[Path], torch.Tensor]:
+    """ArcFace unit vectors of ``images`` (cached); returns the photos with a face and their ``[M, D]`` vectors.
+
+    ``analyzer_factory()`` builds the face analyser, only when some photo is not cached yet.
+    """
+    from adaface_core.errors import NoFaceError
+
+    cached: dict[str, torch.Tensor] = {}
+    no_face_cached: set[str] = set()
+    if cache_file.is_file():
+        try:
+            with safe_open(str(cache_file), framework="pt") as handle:
+                keys = json.loads((handle.metadata() or {}).get("keys", "[]"))
+                no_face_cached = set(json.loads((handle.metadata() or {}).get("no_face", "[]")))
+                vectors = handle.get_tensor("vectors") if keys else None
+            cached = {k: vectors[i] for i, k in enumerate(keys)}
+        except Exception as exc:  # a damaged cache is recomputed, never fatal
+            logger.warning("ignoring unreadable face-ID cache %s (%s)", cache_file, exc)
+    analyzer = None
+    kept, vectors, skipped, keys, no_face = [], [], [], [], []
+    for image in images:
+        key = _key(root, image)
+        if key in no_face_cached:
+            skipped.append(image)
+            no_face.append(key)
+            continue
+        if key not in cached:
+            if analyzer is None:
+                analyzer = analyzer_factory()
+            try:
+                face = analyzer.analyze(str(image), name=str(image.relative_to(root)))
+                cached[key] = torch.as_tensor(np.asarray(face.normed_embedding, dtype=np.float32))
+            except NoFaceError:
+                skipped.append(image)
+                no_face.append(key)
+                continue
+            except Exception as exc:  # unreadable image: skipped and reported like a faceless one
+                logger.warning("cannot read %s: %s", image, exc)
+                skipped.append(image)
+                continue
+        kept.append(image)
+        keys.append(key)
+        vectors.append(cached[key])
+    if skipped:
+        logger.warning("%d image(s) without a detectable face are skipped%s", len(skipped),
+                       f" (listed in {skipped_file})" if skipped_file else "")
+        for image in skipped[:20]:
+            logger.warning("  no face: %s", image)
+        if skipped_file is not None:
+            skipped_file.parent.mkdir(parents=True, exist_ok=True)
+            skipped_file.write_text("".join(f"{p}\n" for p in skipped), encoding="utf-8")
+    if not kept:
+        raise ConfigError(f"none of the {len(images)} images under {root} has a detectable face")
+    stacked = torch.stack(vectors).float()
+    if analyzer is not None or not cache_file.is_file():
+        atomic_save_safetensors({"vectors": stacked}, cache_file,
+                                {"keys": json.dumps(keys), "no_face": json.dumps(no_face)})
+    logger.info("%d training faces (%d skipped), ArcFace vectors cached in %s", len(kept), len(skipped), cache_file)
+    return kept, stacked
+
+
+@dataclass
+class FaceImages:
+    """The usable photos and their vectors; loads a photo as ``[3, S, S]`` in [-1, 1] and its ``[1, S, S]`` mask."""
+
+    root: Path
+    paths: list[Path]
+    id_vectors: torch.Tensor
+    image_size: int
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def load(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        path = self.paths[index]
+        size = self.image_size
+        with Image.open(path) as img:
+            img = img.convert("RGB")
+            img = _center_square(img).resize((size, size), Image.BICUBIC)
+            pixels = torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1.0
+        mpath = mask_path(path)
+        if mpath.is_file():
+            with Image.open(mpath) as m:
+                m = _center_square(m.convert("L")).resize((size, size), Image.NEAREST)
+                mask = torch.from_numpy((np.asarray(m) > 0).astype(np.float32))[None]
+        else:
+            mask = torch.ones(1, size, size)
+        return pixels, mask
+
+
+def _center_square(img: Image.Image) -> Image.Image:
+    w, h = img.size
+    side = min(w, h)
+    left, top = (w - side) // 2, (h - side) // 2
+    return img.crop((left, top, left + side, top + side))
+
+
+def downsample_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``[B, 1, S, S]`` pixel mask -> latent-resolution mask (a latent cell counts if any pixel does)."""
+    return (F.adaptive_max_pool2d(mask, size) > 0).to(mask.dtype)
+
+
+def load_face_images(root: Path, image_size: int, cache_file: Path, analyzer_factory,
+                     skipped_file: Optional[Path]) -> FaceImages:
+    images = scan_images(root)
+    kept, vectors = compute_face_ids(Path(root), images, cache_file, analyzer_factory, skipped_file)
+    return FaceImages(Path(root), kept, vectors, image_size)

@@ -1,0 +1,125 @@
+"""Progress and records: a tqdm bar (loss, it/s), a CSV of losses, TensorBoard when installed, and a
+loss-curve PNG at the end when matplotlib is installed. Only the main process writes."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+logger = logging.getLogger(__name__)
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """Log lines to stdout (the trainer's only console output besides the progress bar on stderr)."""
+    root = logging.getLogger()
+    if not any(getattr(h, "_adaface_trainer", False) for h in root.handlers):
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+        handler._adaface_trainer = True  # type: ignore[attr-defined]
+        root.addHandler(handler)
+    root.setLevel(level)
+
+
+class TrainLogger:
+    def __init__(self, stage_dir: Path, stage: str, start_step: int, max_steps: int, enabled: bool,
+                 tensorboard: bool = True, show_progress: bool = True):
+        self.stage_dir = stage_dir
+        self.stage = stage
+        self.enabled = enabled
+        self.csv_path = stage_dir / "losses.csv"
+        self.png_path = stage_dir / "loss_curve.png"
+        self._start = time.perf_counter()
+        self._start_step = start_step
+        self._writer = None
+        self._bar = None
+        self._csv = None
+        if not enabled:
+            return
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        if start_step > 0 and self.csv_path.is_file():
+            self._truncate_csv(start_step)
+        new = not self.csv_path.is_file()
+        self._csv = self.csv_path.open("a", newline="", encoding="utf-8")
+        self._csv_writer = csv.writer(self._csv)
+        if new:
+            self._csv_writer.writerow(["step", "loss", "lr", "multipliers", "seconds"])
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._writer = SummaryWriter(str(stage_dir / "tensorboard"))
+            except Exception:  # tensorboard not installed: optional
+                logger.info("TensorBoard not installed; losses go to %s only", self.csv_path)
+        if show_progress:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=max_steps, initial=start_step, desc=stage, dynamic_ncols=True, file=sys.stderr)
+
+    def _truncate_csv(self, step: int) -> None:
+        """After a resume, drop rows past the checkpoint (the steps that are being redone)."""
+        lines = self.csv_path.read_text(encoding="utf-8").splitlines(keepends=True)
+        kept = [lines[0]] + [l for l in lines[1:] if l.split(",")[0].isdigit() and int(l.split(",")[0]) <= step]
+        self.csv_path.write_text("".join(kept), encoding="utf-8")
+
+    def log(self, step: int, loss: float, lr: float, multipliers: list[int], metrics: Optional[dict] = None) -> None:
+        if not self.enabled:
+            return
+        elapsed = time.perf_counter() - self._start
+        self._csv_writer.writerow([step, f"{loss:.6g}", f"{lr:.6g}", " ".join(map(str, multipliers)), f"{elapsed:.2f}"])
+        if self._writer is not None:
+            self._writer.add_scalar(f"{self.stage}/loss", loss, step)
+            self._writer.add_scalar(f"{self.stage}/lr", lr, step)
+            for key, value in (metrics or {}).items():
+                self._writer.add_scalar(f"{self.stage}/{key}", value, step)
+
+    def progress(self, step: int, loss: float) -> None:
+        if self._bar is not None:
+            self._bar.update(step - self._bar.n)
+            self._bar.set_postfix(loss=f"{loss:.4f}")
+
+    def steps_per_second(self, step: int) -> float:
+        elapsed = time.perf_counter() - self._start
+        return (step - self._start_step) / elapsed if elapsed > 0 else 0.0
+
+    def close(self) -> Optional[Path]:
+        """Closes files and writes the loss-curve PNG (None when matplotlib is missing or nothing was logged)."""
+        if not self.enabled:
+            return None
+        if self._bar is not None:
+            self._bar.close()
+        if self._csv is not None:
+            self._csv.close()
+        if self._writer is not None:
+            self._writer.close()
+        return self.plot()
+
+    def plot(self) -> Optional[Path]:
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except Exception:
+            logger.info("matplotlib not installed: no loss-curve PNG (the losses are in %s)", self.csv_path)
+            return None
+        steps, losses = [], []
+        with self.csv_path.open(encoding="utf-8") as handle:
+            for row in csv.DictReader(handle):
+                steps.append(int(row["step"]))
+                losses.append(float(row["loss"]))
+        if not steps:
+            return None
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ax.plot(steps, losses, lw=0.8)
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.set_title(f"AdaFace {self.stage} loss")
+        ax.set_yscale("log")
+        fig.tight_layout()
+        fig.savefig(self.png_path, dpi=100)
+        plt.close(fig)
+        return self.png_path

@@ -1,0 +1,268 @@
+"""The training loop shared by every stage.
+
+A stage is a plug-in (``Stage``): ``sample_batch(batch_size, generator)`` and
+``loss(models, batch, generator) -> (loss, metrics)``. Everything else is here: optimizer
+(Prodigy or AdamW) and LR warm-up, gradient accumulation, gradient averaging across processes,
+clipping, dynamic expansion with optimizer rebuild, logging, checkpoints and exact resume.
+
+Distributed training: the inverter is not wrapped in DDP (its parameters are replaced by an
+expansion); after the accumulated backward passes, the gradients are averaged across processes
+in one flat all-reduce, which is what DDP does, so every process keeps identical weights.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Protocol
+
+import torch
+
+from adaface_core.errors import ConfigError
+from adaface_core.inverter import PromptInverter
+
+from .checkpointing import clean_stale, find_resume_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
+from .config import OptimConfig, StageConfig
+from .expansion import ExpansionSchedule
+from .logs import TrainLogger
+from .models import Models
+
+logger = logging.getLogger(__name__)
+
+
+class Stage(Protocol):
+    """What a training stage supplies to the loop."""
+
+    name: str
+
+    def sample_batch(self, batch_size: int, generator: torch.Generator) -> Any: ...
+
+    def loss(self, models: Models, batch: Any, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]: ...
+
+
+class SimulatedCrash(RuntimeError):
+    """Raised by the loop at ``crash_at_step`` (tests of kill-and-resume)."""
+
+
+@dataclass
+class StageResult:
+    stage: str
+    final_checkpoint: Path
+    steps: int
+    losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+    steps_per_second: float = 0.0
+    loss_curve: Optional[Path] = None
+
+
+def build_optimizer(params: list[torch.nn.Parameter], config: OptimConfig, previous: Optional[torch.optim.Optimizer] = None):
+    if config.optimizer == "prodigy":
+        from prodigyopt import Prodigy
+
+        optimizer = Prodigy(params, lr=config.lr, d_coef=config.d_coef, weight_decay=config.weight_decay,
+                            betas=tuple(config.betas))
+        if previous is not None:
+            # Keep Prodigy's learned step size across an expansion; the new parameters start fresh.
+            for new, old in zip(optimizer.param_groups, previous.param_groups):
+                for key in ("d", "d_max"):
+                    if key in old:
+                        new[key] = old[key]
+    elif config.optimizer == "adamw":
+        optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, betas=tuple(config.betas))
+    else:
+        raise ConfigError(f"unknown optimizer {config.optimizer!r} (prodigy or adamw)")
+    return optimizer
+
+
+def build_lr_scheduler(optimizer, config: OptimConfig, step: int):
+    warmup = max(0, config.warmup_steps)
+
+    def factor(s: int) -> float:
+        return min(1.0, (s + 1) / warmup) if warmup else 1.0
+
+    for group in optimizer.param_groups:
+        group.setdefault("initial_lr", group["lr"])
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor, last_epoch=step - 1)
+
+
+def trainable_parameters(inverter: PromptInverter) -> list[torch.nn.Parameter]:
+    return [p for p in inverter.parameters() if p.requires_grad]
+
+
+def _all_reduce_gradients(params: list[torch.nn.Parameter], accelerator) -> None:
+    if accelerator.num_processes <= 1:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    torch.distributed.all_reduce(flat)
+    flat /= accelerator.num_processes
+    offset = 0
+    for p, g in zip(params, grads):
+        n = g.numel()
+        p.grad = flat[offset : offset + n].view_as(p).clone()
+        offset += n
+
+
+class Trainer:
+    """Runs one stage from its config; ``resume`` is a folder to continue from (or None)."""
+
+    def __init__(self, stage: Stage, stage_config: StageConfig, models: Models, accelerator, stage_dir: Path,
+                 seed: int = 0, save_every: int = 1000, keep_last: int = 3, log_every: int = 10,
+                 resume: Optional[Path] = None, tensorboard: bool = True, crash_at_step: Optional[int] = None,
+                 show_progress: bool = True, metadata: Optional[dict[str, str]] = None):
+        self.stage = stage
+        self.config = stage_config
+        self.models = models
+        self.accelerator = accelerator
+        self.stage_dir = Path(stage_dir)
+        self.checkpoints_dir = self.stage_dir / "checkpoints"
+        self.seed = seed
+        self.save_every = save_every
+        self.keep_last = keep_last
+        self.log_every = max(1, log_every)
+        self.tensorboard = tensorboard
+        self.crash_at_step = crash_at_step
+        self.show_progress = show_progress
+        self.metadata = dict(metadata or {}, stage=stage.name)
+        self.generator = torch.Generator().manual_seed(seed * 7919 + 104729 * (accelerator.process_index + 1))
+        self.expansion = ExpansionSchedule(stage_config.expansion, seed)
+        self.step = 0
+        if accelerator.is_main_process:
+            clean_stale(self.checkpoints_dir)
+        accelerator.wait_for_everyone()
+        rng = None
+        checkpoint = find_resume_checkpoint(resume, stage.name) if resume is not None else None
+        if resume is not None and checkpoint is None:
+            logger.warning("--resume %s: no %s checkpoint there; starting this stage from the beginning", resume, stage.name)
+        if checkpoint is not None:
+            loaded = load_checkpoint(checkpoint, accelerator.process_index)
+            models.inverter = loaded.inverter.float().to(models.device)
+            models.inverter.freeze_embeddings()
+            self.step = int(loaded.state["step"])
+            self.expansion.load_state_dict(loaded.state["expansion"])
+            rng = loaded.rng
+            logger.info("resumed %s from %s (step %d, multipliers %s)", stage.name, checkpoint, self.step,
+                        models.inverter.config.attention_multipliers)
+        self.expansion.check(models.inverter)
+        self.optimizer = build_optimizer(trainable_parameters(models.inverter), stage_config.optim)
+        self.lr_scheduler = build_lr_scheduler(self.optimizer, stage_config.optim, self.step)
+        if checkpoint is not None:
+            self.optimizer.load_state_dict(loaded.state["optimizer"])
+            self.lr_scheduler.load_state_dict(loaded.state["lr_scheduler"])
+        if rng is not None:
+            set_rng_state(rng, self.generator)
+
+    @property
+    def inverter(self) -> PromptInverter:
+        return self.models.inverter
+
+    def _state(self) -> dict[str, Any]:
+        return {
+            "stage": self.stage.name,
+            "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.lr_scheduler.state_dict(),
+            "expansion": self.expansion.state_dict(),
+        }
+
+    def save(self) -> Path:
+        return save_checkpoint(self.checkpoints_dir, self.step, self.inverter, self._state(), self.accelerator,
+                               self.generator, self.keep_last, self.metadata)
+
+    def _expand(self, factors: list[int]) -> None:
+        self.expansion.apply(self.inverter, factors, self.step)
+        self.inverter.to(self.models.device)
+        old = self.optimizer
+        self.optimizer = build_optimizer(trainable_parameters(self.inverter), self.config.optim, previous=old)
+        self.lr_scheduler = build_lr_scheduler(self.optimizer, self.config.optim, self.step)
+
+    def check_replicas(self) -> None:
+        """With several processes: every process must hold the same weights (raises if not)."""
+        if self.accelerator.num_processes <= 1:
+            return
+        flat = torch.cat([p.detach().float().reshape(-1) for p in self.inverter.parameters()])
+        stats = torch.stack([flat.sum(), flat.abs().sum(), (flat * torch.linspace(0, 1, flat.numel(), device=flat.device)).sum()])
+        gathered = self.accelerator.gather(stats[None]).reshape(self.accelerator.num_processes, -1)
+        if not torch.allclose(gathered, gathered[:1].expand_as(gathered), rtol=1e-6, atol=1e-6):
+            raise RuntimeError(f"the {self.accelerator.num_processes} processes ended with different weights: {gathered.tolist()}")
+        logger.info("weights agree across %d processes (checksum %.6f)", self.accelerator.num_processes, float(stats[0]))
+
+    def train_step(self) -> tuple[float, dict[str, float]]:
+        """One optimizer step over ``grad_accum`` micro-batches; returns the process-averaged loss."""
+        optim = self.config.optim
+        params = trainable_parameters(self.inverter)
+        total = torch.zeros((), device=self.models.device)
+        metrics: dict[str, float] = {}
+        for _ in range(optim.grad_accum):
+            batch = self.stage.sample_batch(optim.batch_size, self.generator)
+            with self.accelerator.autocast() if self.accelerator.mixed_precision != "no" else nullcontext():
+                loss, metrics = self.stage.loss(self.models, batch, self.generator)
+            (loss / optim.grad_accum).backward()
+            total += loss.detach().float() / optim.grad_accum
+        _all_reduce_gradients(params, self.accelerator)
+        if optim.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, optim.max_grad_norm)
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        mean = self.accelerator.reduce(total, "mean") if self.accelerator.num_processes > 1 else total
+        return float(mean), metrics
+
+    def train(self) -> StageResult:
+        max_steps = self.config.max_steps
+        log = TrainLogger(self.stage_dir, self.stage.name, self.step, max_steps, self.accelerator.is_main_process,
+                          self.tensorboard, self.show_progress)
+        losses: list[float] = []
+        import time
+
+        start = time.perf_counter()
+        start_step = self.step
+        last_saved: Optional[Path] = None
+        try:
+            while self.step < max_steps:
+                loss, metrics = self.train_step()
+                self.step += 1
+                losses.append(loss)
+                if not math.isfinite(loss):
+                    raise FloatingPointError(f"{self.stage.name} loss is {loss} at step {self.step}; "
+                                             "lower the learning rate or check the models")
+                factors = self.expansion.step(self.step, loss)
+                if factors is not None:
+                    self._expand(factors)
+                if self.step % self.log_every == 0 or self.step == max_steps:
+                    log.log(self.step, loss, self.optimizer.param_groups[0]["lr"],
+                            self.inverter.config.attention_multipliers, metrics)
+                log.progress(self.step, loss)
+                if self.step % self.save_every == 0 or self.step == max_steps:
+                    last_saved = self.save()
+                if self.crash_at_step is not None and self.step == self.crash_at_step:
+                    raise SimulatedCrash(f"simulated crash after step {self.step}")
+        finally:
+            curve = log.close()
+        seconds = time.perf_counter() - start
+        if last_saved is None:
+            last_saved = self.save()
+        final = self.stage_dir / "adaface_inverter.safetensors"
+        if self.accelerator.is_main_process:
+            from adaface_core.checkpoint import save_inverter
+
+            save_inverter(self.inverter, final, dict(self.metadata, step=str(self.step)))
+        self.accelerator.wait_for_everyone()
+        self.check_replicas()
+        done = self.step - start_step
+        return StageResult(self.stage.name, final, self.step, losses, seconds, done / seconds if seconds > 0 else 0.0, curve)
+
+
+@torch.no_grad()
+def heldout_loss(stage: Stage, models: Models, batches: int, batch_size: int, seed: int = 1234) -> float:
+    """The stage loss on fixed batches (same IDs, noises and timesteps every call): for comparing weights."""
+    generator = torch.Generator().manual_seed(seed)
+    was_training = models.inverter.training
+    models.inverter.eval()
+    try:
+        total = sum(float(stage.loss(models, stage.sample_batch(batch_size, generator), generator)[0]) for _ in range(batches))
+    finally:
+        models.inverter.train(was_training)
+    return total / batches

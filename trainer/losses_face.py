@@ -1,0 +1,133 @@
+"""Stage 1 loss: face distillation from Arc2Face (teacher) into inverter -> SD1.5 (student), paper §3.1.
+
+One chain of k timesteps per sample. Teacher and student see the same noisy latent and timestep;
+the loss is the MSE between their noise predictions, masked to the face where a mask exists. The
+first t is uniform in ``first_t``·T; each next latent is the teacher's x0 estimate re-noised (with
+fresh noise, shared by both) to a smaller t (previous t times a ratio in ``next_t_ratio``). The k
+losses are summed and divided by sqrt(k). The teacher sometimes uses CFG (probability ``cfg_prob``,
+scale uniform in ``cfg_scale``) against Arc2Face's empty-prompt negative, and never builds a graph.
+
+Random IDs have no photo. Their chain starts from the teacher's one-step x0 estimate from pure noise
+at t = T-1 (with the same CFG as the chain), which costs one extra teacher forward and puts the
+chain on the teacher's own image manifold; real photos start from their VAE latent. Teacher x0
+estimates are clamped to ±X0_CLAMP (SD latents stay well inside it) so an early bad estimate at
+high t cannot blow the chain up.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from .config import FaceLossConfig
+from .data import downsample_mask
+from .face_space import FaceBatch, FaceSpace
+from .models import Models
+
+X0_CLAMP = 5.0
+
+
+def _uniform(n: int, low: float, high: float, generator: torch.Generator) -> torch.Tensor:
+    return low + (high - low) * torch.rand(n, generator=generator)
+
+
+class FaceDistillationLoss:
+    """Callable ``(models, batch, generator) -> (loss, metrics)``, the stage-1 plug-in of the loop."""
+
+    def __init__(self, config: FaceLossConfig, latent_size: int):
+        self.config = config
+        self.latent_size = latent_size
+        self._negative: Optional[torch.Tensor] = None
+
+    def _alpha_bar(self, models: Models, t: torch.Tensor) -> torch.Tensor:
+        return models.scheduler.alphas_cumprod.to(t.device)[t].float().view(-1, 1, 1, 1)
+
+    def _noisy(self, models: Models, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        ab = self._alpha_bar(models, t)
+        return ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+
+    def _x0(self, models: Models, x_t: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        ab = self._alpha_bar(models, t)
+        return ((x_t - (1 - ab).sqrt() * eps) / ab.sqrt()).clamp(-X0_CLAMP, X0_CLAMP)
+
+    @torch.no_grad()
+    def teacher_eps(self, models: Models, x_t, t, context, cfg_scale: torch.Tensor) -> torch.Tensor:
+        unet, dtype = models.teacher_unet, models.frozen_dtype
+        if not bool((cfg_scale != 1.0).any()):
+            return unet(x_t.to(dtype), t, encoder_hidden_states=context.to(dtype)).sample.float()
+        if self._negative is None:
+            self._negative = models.id_encoder.empty_prompt_embeds().detach()
+        negative = self._negative.to(context).expand_as(context)
+        out = unet(torch.cat([x_t, x_t]).to(dtype), torch.cat([t, t]),
+                   encoder_hidden_states=torch.cat([negative, context]).to(dtype)).sample.float()
+        uncond, cond = out.chunk(2)
+        return uncond + cfg_scale.view(-1, 1, 1, 1) * (cond - uncond)
+
+    def __call__(self, models: Models, batch: FaceBatch, generator: torch.Generator):
+        cfg, device = self.config, models.device
+        b = batch.id_vectors.shape[0]
+        T = models.num_train_timesteps
+        size = self.latent_size
+        use_cfg = torch.rand(b, generator=generator) < cfg.cfg_prob
+        cfg_scale = torch.where(use_cfg, _uniform(b, *cfg.cfg_scale, generator), torch.ones(b)).to(device)
+        first_t = (_uniform(b, *cfg.first_t, generator) * (T - 1)).round().long()
+        ratios = [_uniform(b, *cfg.next_t_ratio, generator) for _ in range(cfg.chain_steps - 1)]
+        noises = [torch.randn(b, 4, size, size, generator=generator) for _ in range(cfg.chain_steps + 1)]
+
+        with torch.no_grad():
+            ids = batch.id_vectors.to(device, models.frozen_dtype)
+            enc = models.id_encoder(ids)
+            teacher_ctx, id_tokens = enc.prompt_embeds.detach(), enc.id_tokens.detach()
+            # x0: the photo's latent, or for random IDs the teacher's estimate from pure noise.
+            pure = noises[-1].to(device)
+            t_top = torch.full((b,), T - 1, dtype=torch.long, device=device)
+            x0 = self._x0(models, pure, self.teacher_eps(models, pure, t_top, teacher_ctx, cfg_scale), t_top)
+            mask = torch.ones(b, 1, size, size, device=device)
+            if batch.pixels is not None and bool(batch.has_image.any()):
+                rows = batch.has_image.nonzero().flatten()
+                latents = models.encode_images(batch.pixels[rows])
+                if latents.shape[-1] != size:
+                    raise ValueError(f"VAE latents are {latents.shape[-1]} wide, expected {size}")
+                x0[rows.to(device)] = latents.to(x0)
+                if cfg.use_masks and batch.masks is not None:
+                    mask[rows.to(device)] = downsample_mask(batch.masks[rows], (size, size)).to(device)
+
+        subject = models.inverter(id_tokens.float())
+        student_ctx = models.encode_with_subject([cfg.student_prompt] * b, cfg.placeholder, subject)
+
+        t = first_t.to(device)
+        losses = []
+        for i in range(cfg.chain_steps):
+            noise = noises[i].to(device)
+            x_t = self._noisy(models, x0, noise, t)
+            eps_teacher = self.teacher_eps(models, x_t, t, teacher_ctx, cfg_scale)
+            eps_student = models.unet(x_t.to(models.frozen_dtype), t,
+                                      encoder_hidden_states=student_ctx.to(models.frozen_dtype)).sample.float()
+            sq = (eps_student - eps_teacher) ** 2 * mask
+            losses.append(sq.sum() / (mask.sum() * sq.shape[1]).clamp_min(1.0))
+            if i + 1 < cfg.chain_steps:
+                with torch.no_grad():
+                    x0 = self._x0(models, x_t, eps_teacher, t)
+                    t = (t.float().cpu() * ratios[i]).round().long().clamp_min(1).to(device)
+        loss = sum(losses) / math.sqrt(cfg.chain_steps)
+        metrics = {f"loss_t{i}": float(l.detach()) for i, l in enumerate(losses)}
+        metrics["random_id_frac"] = float((~batch.has_image).float().mean())
+        return loss, metrics
+
+
+class FaceStage:
+    """Stage 1 as the loop sees it: a batch sampler and a loss over a batch."""
+
+    name = "face"
+
+    def __init__(self, face_space: FaceSpace, loss: FaceDistillationLoss):
+        self.face_space = face_space
+        self.loss_fn = loss
+
+    def sample_batch(self, batch_size: int, generator: torch.Generator) -> FaceBatch:
+        return self.face_space.sample(batch_size, generator)
+
+    def loss(self, models: Models, batch: FaceBatch, generator: torch.Generator):
+        return self.loss_fn(models, batch, generator)

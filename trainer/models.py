@@ -1,0 +1,142 @@
+"""Model assembly: frozen teacher (Arc2Face UNet + encoder), frozen student body (SD1.5 text encoder + UNet),
+the VAE and DDPM schedule, and the one trainable module, the prompt inverter."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from adaface_core.arc2face import Arc2FaceEncoder
+from adaface_core.checkpoint import load_inverter
+from adaface_core.clip_text import ClipTextTransformer
+from adaface_core.errors import ConfigError, ModelFileMissingError
+from adaface_core.injection import splice_subject_embeds
+from adaface_core.inverter import InverterConfig, PromptInverter
+from adaface_core.tokenizer import load_clip_tokenizer, single_token_id
+from adaface_core.weights import load_clip_text_folder
+
+from .config import TrainConfig
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Models:
+    tokenizer: Any
+    text_encoder: ClipTextTransformer
+    unet: torch.nn.Module
+    vae: Optional[torch.nn.Module]
+    scheduler: Any
+    teacher_unet: Optional[torch.nn.Module]
+    id_encoder: Arc2FaceEncoder
+    inverter: PromptInverter
+    device: torch.device
+    frozen_dtype: torch.dtype
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return int(self.scheduler.config.num_train_timesteps)
+
+    @property
+    def id_dim(self) -> int:
+        return min(512, self.id_encoder.hidden_size)
+
+    def prompt_ids(self, prompts: list[str]) -> torch.Tensor:
+        ids = self.tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt")["input_ids"]
+        return ids.to(self.device)
+
+    def placeholder_id(self, word: str) -> int:
+        ids = single_token_id(self.tokenizer, word)
+        if len(ids) != 1:
+            raise ConfigError(f"the placeholder {word!r} is {len(ids)} tokens; pick a word that is one CLIP token (e.g. 'z')")
+        return ids[0]
+
+    def encode_with_subject(self, prompts: list[str], placeholder: str, subject: torch.Tensor) -> torch.Tensor:
+        """``[B, 77, H]`` SD1.5 prompt embeddings with ``subject`` ``[B, N, H]`` spliced in at the placeholder."""
+        ids = self.prompt_ids(prompts)
+        embeds = self.text_encoder.token_embeds(ids)
+        spliced = splice_subject_embeds(ids, embeds, self.placeholder_id(placeholder), subject.to(embeds.dtype))
+        return self.text_encoder(token_embeds=spliced).last_hidden_state
+
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        return self.text_encoder(input_ids=self.prompt_ids(prompts)).last_hidden_state
+
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``[B, 3, S, S]`` in [-1, 1] -> scaled VAE latents (the mean of the posterior: deterministic)."""
+        if self.vae is None:
+            raise ConfigError("no VAE was loaded")
+        latents = self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist.mean
+        return latents.float() * float(self.vae.config.scaling_factor)
+
+
+def _load_unet(folder: Path, what: str, dtype: torch.dtype = torch.float32):
+    from diffusers import UNet2DConditionModel
+
+    if not (folder / "config.json").is_file():
+        raise ModelFileMissingError(f"{what} UNet folder not found: {folder} (expected config.json and weights)")
+    return UNet2DConditionModel.from_pretrained(str(folder), local_files_only=True, torch_dtype=dtype)
+
+
+def _frozen(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    if next(module.parameters()).dtype != dtype:
+        module = module.to(dtype)
+    return module.to(device).eval().requires_grad_(False)
+
+
+def build_inverter(config: TrainConfig, text_encoder: ClipTextTransformer) -> PromptInverter:
+    if config.models.init_inverter:
+        inverter = load_inverter(config.models.init_inverter)
+        logger.info("inverter initialised from %s", config.models.init_inverter)
+    else:
+        clip_cfg = text_encoder.config
+        inv_cfg = InverterConfig(clip=clip_cfg, attention_multipliers=[1] * clip_cfg.num_hidden_layers)
+        inverter = PromptInverter.from_clip(text_encoder, inv_cfg)
+        logger.info("fresh inverter initialised from the SD1.5 text encoder (OpenAI CLIP-L weights)")
+    inverter.freeze_embeddings()
+    return inverter.float().train()
+
+
+def build_models(
+    config: TrainConfig,
+    device: torch.device,
+    frozen_dtype: torch.dtype = torch.float32,
+    need_teacher: bool = True,
+    need_vae: bool = True,
+) -> Models:
+    """Loads everything from local folders (never a hub) and freezes all but the inverter."""
+    from diffusers import AutoencoderKL, DDPMScheduler
+
+    sd, a2f = Path(config.models.sd15), Path(config.models.arc2face)
+    if sd.is_file():
+        config.check_paths()  # raises the single-file explanation
+    tokenizer = load_clip_tokenizer(sd / "tokenizer")
+    text_encoder = load_clip_text_folder(sd / "text_encoder")
+    inverter = build_inverter(config, text_encoder)
+    models = Models(
+        tokenizer=tokenizer,
+        text_encoder=_frozen(text_encoder, device, frozen_dtype),
+        unet=_frozen(_load_unet(sd / "unet", "SD1.5", frozen_dtype), device, frozen_dtype),
+        vae=_frozen(AutoencoderKL.from_pretrained(str(sd / "vae"), local_files_only=True, torch_dtype=torch.float32),
+                    device, torch.float32)
+        if need_vae else None,
+        scheduler=DDPMScheduler.from_pretrained(str(sd / "scheduler"), local_files_only=True),
+        teacher_unet=_frozen(_load_unet(a2f / "arc2face", "Arc2Face", frozen_dtype), device, frozen_dtype) if need_teacher else None,
+        id_encoder=_frozen(Arc2FaceEncoder.from_folder(a2f / "encoder", tokenizer), device, frozen_dtype),
+        inverter=inverter.to(device),
+        device=device,
+        frozen_dtype=frozen_dtype,
+    )
+    if models.id_encoder.hidden_size != inverter.config.clip.hidden_size:
+        raise ConfigError(
+            f"the Arc2Face encoder is {models.id_encoder.hidden_size} wide but the inverter "
+            f"{inverter.config.clip.hidden_size}: the models do not belong together"
+        )
+    trainable = sum(p.numel() for p in inverter.parameters() if p.requires_grad)
+    logger.info("models loaded on %s (frozen in %s); %.2fM trainable inverter parameters",
+                device, str(frozen_dtype).replace("torch.", ""), trainable / 1e6)
+    return models

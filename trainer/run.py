@@ -1,0 +1,175 @@
+"""AdaFace trainer CLI.
+
+    python trainer/run.py --preset smoke
+    python trainer/run.py --config trainer/configs/stage1_paper.yaml [--stage face|composition|both]
+                          [--resume DIR] [--output DIR] [--max-steps N]
+    accelerate launch --multi_gpu --num_processes 2 trainer/run.py --config ...   (DDP; gloo on CPU-only machines)
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:  # run as a script from anywhere: make the repo's packages importable
+    sys.path.insert(0, str(REPO_ROOT))
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import os  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+from typing import Optional  # noqa: E402
+
+logger = logging.getLogger("trainer.run")
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="trainer/run.py", description="Train the AdaFace prompt inverter.")
+    parser.add_argument("--config", type=Path, help="training configuration (YAML), e.g. trainer/configs/stage1_paper.yaml")
+    parser.add_argument("--preset", choices=["smoke"], help="smoke: tiny random models built on the fly, proves the machinery")
+    parser.add_argument("--stage", choices=["face", "composition", "both"], help="which stage(s) to run (default: the config's)")
+    parser.add_argument("--resume", type=Path, help="continue from the latest checkpoint in this folder")
+    parser.add_argument("--output", type=Path, help="output folder (overrides run.output)")
+    parser.add_argument("--max-steps", type=int, help="override max_steps of the stage(s) run")
+    parser.add_argument("--seed", type=int, help="override run.seed")
+    parser.add_argument("--save-every", type=int, help="override run.save_every")
+    parser.add_argument("--no-progress", action="store_true", help="no tqdm bar (logs only)")
+    parser.add_argument("--validate-only", action="store_true", help="load and validate the configuration, then exit")
+    parser.add_argument("--crash-at-step", type=int, help=argparse.SUPPRESS)  # tests: simulate a kill
+    args = parser.parse_args(argv)
+    if not args.config and not args.preset:
+        parser.error("give --config FILE.yaml or --preset smoke")
+    return args
+
+
+@dataclass
+class RunResult:
+    output: Path
+    stages: list = field(default_factory=list)
+    smoke_check: Optional[dict] = None
+
+
+def load_run_config(args: argparse.Namespace):
+    from trainer.config import load_config
+
+    if args.preset == "smoke":
+        from trainer.presets import smoke_config
+
+        config = smoke_config(args.output or Path("outputs/smoke"), args.config)
+    else:
+        config = load_config(args.config)
+    if args.output:
+        config.run.output = str(args.output)
+    if args.stage:
+        config.stage = args.stage
+    if args.seed is not None:
+        config.run.seed = args.seed
+    if args.save_every:
+        config.run.save_every = args.save_every
+    if args.max_steps is not None:
+        for stage in (config.face, config.composition):
+            if stage is not None:
+                stage.max_steps = args.max_steps
+    return config
+
+
+def make_accelerator(config):
+    from accelerate import Accelerator
+
+    kwargs = {}
+    if os.environ.get("ACCELERATE_MIXED_PRECISION") in (None, "", "no"):
+        kwargs["mixed_precision"] = config.run.mixed_precision
+    accelerator = Accelerator(cpu=config.run.device == "cpu", **kwargs)
+    if accelerator.mixed_precision == "fp16":
+        from adaface_core.errors import ConfigError
+
+        raise ConfigError("fp16 mixed precision is not supported by this trainer (no loss scaling); use bf16")
+    return accelerator
+
+
+def run_stage(name: str, config, models, accelerator, output: Path, resume: Optional[Path], args) -> object:
+    """Builds stage ``name`` through its registered builder and trains it; returns a ``StageResult``."""
+    from trainer.loop import Trainer
+    from trainer.stages import get_stage_builder
+
+    stage_config = config.face if name == "face" else config.composition
+    stage = get_stage_builder(name)(config, stage_config, models, accelerator, output)
+    trainer = Trainer(
+        stage, stage_config, models, accelerator, output / name,
+        seed=config.run.seed, save_every=config.run.save_every, keep_last=config.run.keep_last,
+        log_every=config.run.log_every, resume=resume, tensorboard=config.run.tensorboard,
+        crash_at_step=args.crash_at_step, show_progress=not args.no_progress,
+    )
+    result = trainer.train()
+    logger.info("%s stage: %d steps, %.2f steps/s; inverter %s", name, result.steps, result.steps_per_second,
+                result.final_checkpoint)
+    return result
+
+
+def main(argv: Optional[list[str]] = None) -> RunResult:
+    from trainer.logs import setup_logging
+
+    setup_logging()
+    args = parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+
+    from trainer.config import config_to_dict
+    from trainer.models import build_models
+
+    config = load_run_config(args)
+    config.validate(check_paths=True)
+    if args.validate_only:
+        logger.info("configuration is valid")
+        return RunResult(Path(config.run.output))
+    output = Path(config.run.output)
+    accelerator = make_accelerator(config)
+    if not accelerator.is_main_process:
+        logging.getLogger().setLevel(logging.WARNING)  # one copy of the INFO lines
+    elif accelerator.num_processes > 1:
+        logger.info("%d processes (%s)", accelerator.num_processes, accelerator.distributed_type)
+    torch.manual_seed(config.run.seed)
+    if accelerator.is_main_process:
+        output.mkdir(parents=True, exist_ok=True)
+        (output / "config.json").write_text(json.dumps(config_to_dict(config), indent=2), encoding="utf-8")
+    from trainer.stages import get_stage_builder
+
+    stages = ["face", "composition"] if config.stage == "both" else [config.stage]
+    for name in stages:
+        get_stage_builder(name)  # a missing stage fails before minutes of model loading
+    frozen = torch.bfloat16 if config.run.mixed_precision == "bf16" and accelerator.device.type == "cuda" else torch.float32
+    models = build_models(config, accelerator.device, frozen)
+    if config.run.gradient_checkpointing:
+        models.unet.enable_gradient_checkpointing()
+    result = RunResult(output)
+    for name in stages:
+        result.stages.append(run_stage(name, config, models, accelerator, output, args.resume, args))
+    if args.preset == "smoke" and accelerator.is_main_process:
+        from trainer.presets import smoke_check
+
+        result.smoke_check = smoke_check(config, models, result, output)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return result
+
+
+def cli() -> int:
+    """``main`` for the command line: an error the user can act on is one log line, not a traceback."""
+    from adaface_core.errors import AdaFaceError
+
+    try:
+        main()
+    except AdaFaceError as exc:
+        logging.getLogger("trainer.run").error("%s", exc)
+        return 2
+    except KeyboardInterrupt:
+        logging.getLogger("trainer.run").error("interrupted; resume with --resume <output folder> "
+                                               "(steps since the last checkpoint are redone)")
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
