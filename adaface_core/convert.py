@@ -21,6 +21,7 @@ from typing import Any, Optional, Sequence, Union
 import torch
 
 from .checkpoint import load_inverter, save_inverter
+from .cli import run_cli
 from .clip_text import ClipTextConfig
 from .errors import AdaFaceError, CheckpointError
 from .inverter import InverterConfig, PromptInverter, reference_template_ids
@@ -305,23 +306,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--dtype", choices=sorted(_DTYPES), help="output precision (default: the source's)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     args = parser.parse_args(argv)
-    root = logging.getLogger()
-    handler: Optional[logging.Handler] = None
-    if not root.handlers:  # standalone run: log to stderr; embedded (tests, ComfyUI): leave logging alone
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
-        root.addHandler(handler)
-        root.setLevel(logging.DEBUG if args.verbose else logging.INFO)
-    try:
-        convert_official_checkpoint(args.source, args.destination, args.subject, _DTYPES.get(args.dtype))
-        return 0
-    except (AdaFaceError, OSError) as exc:
-        logger.error("conversion failed: %s", " ".join(str(exc).split()))
-        return 2
-    finally:
-        if handler is not None:
-            root.removeHandler(handler)
-
+    return run_cli(
+        lambda: convert_official_checkpoint(args.source, args.destination, args.subject, _DTYPES.get(args.dtype)),
+        "conversion",
+        args.verbose,
+    )
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -17,7 +17,7 @@ import torch
 
 from .arc2face import Arc2FaceEncoder
 from .checkpoint import load_inverter
-from .face_analysis import FaceAnalyzer, ImageInput
+from .face_analysis import FaceAnalyzer, IdentityResult, ImageInput
 from .inverter import PromptInverter
 from .subject import SubjectEmbedding
 from .tokenizer import load_clip_tokenizer
@@ -56,7 +56,7 @@ class SubjectEncoder:
         self.encoder = encoder.eval().requires_grad_(False)
         self.inverter = inverter.eval().requires_grad_(False)
         self.faces = faces
-        self._cache: OrderedDict[str, SubjectEmbedding] = OrderedDict()
+        self._cache: OrderedDict[str, tuple[SubjectEmbedding, IdentityResult]] = OrderedDict()
         self._cache_size = cache_size
 
     @classmethod
@@ -103,7 +103,7 @@ class SubjectEncoder:
 
     def encode_photos(
         self, images: Sequence[ImageInput], names: Optional[Sequence[str]] = None
-    ) -> tuple[SubjectEmbedding, list]:
+    ) -> tuple[SubjectEmbedding, IdentityResult]:
         """One identity from one or several photos; also returns the faces found (cached by content)."""
         if self.faces is None:
             raise ValueError("this SubjectEncoder was built without face models")

@@ -185,3 +185,10 @@ def write_tiny_face_pack(
             write_tiny_extra(folder / name, input_size=192 if "det" in name else 96, outputs=212 if "det" in name else 3)
     logger.debug("wrote a tiny %s face pack to %s", layout, folder)
     return folder
+
+
+def tiny_face_photo(size: int = 320, color: tuple[int, int, int] = (230, 180, 150)) -> np.ndarray:
+    """An ``HxWx3`` uint8 RGB photo the tiny detector sees a face in: a bright patch on black."""
+    image = np.zeros((size, size, 3), np.uint8)
+    image[size // 4 : 3 * size // 4, size // 4 : 3 * size // 4] = color
+    return image

@@ -16,7 +16,7 @@ from adaface_core.errors import AdaFaceError, ConfigError, ModelFileMissingError
 from adaface_core.face_analysis import FaceAnalyzer, FaceModelLoadError, average_identity
 from adaface_core.face_pack import onnx_providers, resolve_face_pack
 from adaface_core.image_io import BadImageError, detection_canvas, to_rgb_uint8
-from adaface_core.tiny_face_models import write_tiny_face_pack, write_tiny_recognizer
+from adaface_core.tiny_face_models import tiny_face_photo, write_tiny_face_pack, write_tiny_recognizer
 from helpers_faces import require_buffalo_s_pack, require_faces
 
 # ---------------------------------------------------------------- tiny packs: layout and loading
@@ -32,11 +32,7 @@ def tiny_analyzer(tiny_pack) -> FaceAnalyzer:
     return FaceAnalyzer.from_folder(tiny_pack, provider="cpu")
 
 
-def bright_square(size: int = 320) -> np.ndarray:
-    """The tiny detector's idea of a face: a bright patch on black."""
-    image = np.zeros((size, size, 3), np.uint8)
-    image[size // 4 : 3 * size // 4, size // 4 : 3 * size // 4] = (230, 180, 150)
-    return image
+bright_square = tiny_face_photo  # the tiny detector's idea of a face: a bright patch on black
 
 
 def test_tiny_antelopev2_pack_loads_through_insightface_classes(tiny_analyzer):

@@ -1,0 +1,140 @@
+"""Face photos -> an AdaFace subject -> a textual-inversion embedding file, from the command line.
+
+    python -m adaface_core.embed PHOTO [PHOTO|FOLDER ...] --inverter FILE --arc2face DIR
+        --face-models DIR [--tokenizer DIR] --out FILE
+
+The written file works as ``embedding:NAME`` in any ComfyUI prompt and with diffusers'
+``load_textual_inversion``: the subject is usable with no AdaFace node at all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from .cli import run_cli
+from .devices import default_device, inference_dtype
+from .errors import ConfigError, ModelFileMissingError
+from .face_analysis import FaceAnalyzer
+from .pipeline import SubjectEncoder
+from .textual_inversion import embedding_file_name, save_textual_inversion
+from .tokenizer import find_tokenizer_folder
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+
+
+@dataclass(frozen=True)
+class EmbedResult:
+    path: Path
+    num_tokens: int
+    used: tuple[str, ...]
+    skipped: tuple[str, ...]
+
+
+def collect_photos(inputs: Sequence[Path]) -> list[Path]:
+    """Files as given, folders expanded to their images (sorted, not recursive)."""
+    photos: list[Path] = []
+    for item in inputs:
+        if item.is_dir():
+            photos += sorted(p for p in item.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        elif item.is_file():
+            photos.append(item)
+        else:
+            raise ModelFileMissingError(f"photo not found: {item}")
+    if not photos:
+        raise ConfigError(f"no photos ({', '.join(IMAGE_SUFFIXES)}) in {', '.join(map(str, inputs))}")
+    return photos
+
+
+def resolve_tokenizer(tokenizer: Optional[Path], arc2face: Path) -> Path:
+    """The given folder, else a ``tokenizer/`` beside or inside the Arc2Face download."""
+    if tokenizer is not None:
+        return find_tokenizer_folder(tokenizer)
+    for candidate in (arc2face, arc2face.parent):
+        try:
+            return find_tokenizer_folder(candidate)
+        except ModelFileMissingError:
+            continue
+    raise ModelFileMissingError(
+        f"no CLIP tokenizer found next to {arc2face}: pass --tokenizer with an SD1.5 folder "
+        "(or its tokenizer/ folder, or ComfyUI's comfy/sd1_tokenizer)"
+    )
+
+
+def embed_photos(
+    photos: Sequence[Path],
+    inverter: Path,
+    arc2face: Path,
+    face_models: Path,
+    out: Path,
+    tokenizer: Optional[Path] = None,
+    id_strength: float = 1.0,
+    provider: str = "auto",
+    device: Optional[str] = None,
+    overwrite: bool = False,
+) -> EmbedResult:
+    """Encodes one identity from ``photos`` and writes it to ``out`` (``NAME.safetensors``)."""
+    out = out.with_name(embedding_file_name(out.name))
+    if out.exists() and not overwrite:
+        raise ConfigError(f"{out} already exists; choose another name or pass --overwrite")
+    files = collect_photos(photos)
+    torch_device = default_device() if device is None else torch.device(device)
+    encoder = SubjectEncoder.from_paths(
+        inverter,
+        arc2face,
+        resolve_tokenizer(tokenizer, arc2face),
+        faces=FaceAnalyzer.from_folder(face_models, provider=provider),
+        device=torch_device,
+        dtype=inference_dtype(torch_device),
+    )
+    subject, identity = encoder.encode_photos([str(p) for p in files], [p.name for p in files])
+    metadata = {"sources": json.dumps(list(subject.sources)), "id_strength": str(id_strength)}
+    written = save_textual_inversion(subject.scaled_tokens(id_strength), out, metadata)
+    logger.info("wrote %s (%d tokens from %d photo(s))", written, subject.num_tokens, len(identity.faces))
+    return EmbedResult(written, subject.num_tokens, subject.sources, tuple(identity.skipped_names))
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m adaface_core.embed", description=__doc__.split("\n\n")[0])
+    parser.add_argument("photos", nargs="+", type=Path, help="photos of one person, or folders of them")
+    parser.add_argument("--inverter", type=Path, required=True, help="AdaFace prompt-inverter .safetensors")
+    parser.add_argument("--arc2face", type=Path, required=True, help="Arc2Face 'encoder' folder (or the folder holding it)")
+    parser.add_argument("--face-models", type=Path, required=True, help="insightface pack folder, e.g. models/antelopev2")
+    parser.add_argument("--tokenizer", type=Path, help="SD1.5 tokenizer folder (default: next to --arc2face)")
+    parser.add_argument("--out", type=Path, required=True, help="output NAME.safetensors (e.g. ComfyUI/models/embeddings/alice.safetensors)")
+    parser.add_argument("--id-strength", type=float, default=1.0, help="ID guidance baked into the tokens (default 1)")
+    parser.add_argument("--provider", default="auto", choices=("auto", "cpu", "cuda", "rocm", "coreml"))
+    parser.add_argument("--device", help="torch device (default: CUDA, then MPS, then CPU)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing file")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return parser.parse_args(argv)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """CLI entry point: 0 on success, 2 with a one-line error otherwise."""
+    args = parse_args(argv)
+
+    def action() -> None:
+        result = embed_photos(
+            args.photos, args.inverter, args.arc2face, args.face_models, args.out, args.tokenizer,
+            args.id_strength, args.provider, args.device, args.overwrite,
+        )
+        # The CLI's result, for scripts to read.
+        summary = {"embedding": str(result.path), "prompt_word": f"embedding:{result.path.stem}",
+                   "used": list(result.used), "skipped": list(result.skipped)}
+        sys.stdout.write(json.dumps(summary) + "\n")
+
+    return run_cli(action, "embedding", args.verbose)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+"""`python -m adaface_core.embed`: photos -> an embedding file that works as `embedding:NAME` anywhere."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from adaface_core.embed import main
+from adaface_core.face_analysis import FaceAnalyzer
+from adaface_core.pipeline import SubjectEncoder
+from adaface_core.textual_inversion import load_textual_inversion
+from adaface_core.tiny_face_models import tiny_face_photo, write_tiny_face_pack
+
+
+@pytest.fixture(scope="module")
+def face_pack(tmp_path_factory, tiny_models) -> Path:
+    # The tiny encoder is 64 wide, so its ArcFace stand-in gives 64-d vectors.
+    return write_tiny_face_pack(tmp_path_factory.mktemp("insightface") / "antelopev2", recognizer_dim=tiny_models.spec.hidden_size)
+
+
+def write_photos(folder: Path) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / "front.png", folder / "side.jpg", folder / "wall.png"]
+    Image.fromarray(tiny_face_photo(320)).save(paths[0])
+    Image.fromarray(tiny_face_photo(400, color=(220, 200, 170))).save(paths[1], quality=95)
+    Image.fromarray(np.zeros((200, 200, 3), np.uint8)).save(paths[2])  # no face: skipped, not fatal
+    return paths
+
+
+def args(tiny_models, face_pack: Path, out: Path, *photos: Path) -> list[str]:
+    return [*map(str, photos), "--inverter", str(tiny_models.inverter), "--arc2face", str(tiny_models.encoder),
+            "--tokenizer", str(tiny_models.tokenizer), "--face-models", str(face_pack), "--out", str(out),
+            "--provider", "cpu", "--device", "cpu"]
+
+
+def test_folder_of_photos_becomes_an_embedding_file(tmp_path, tiny_models, face_pack, capsys):
+    write_photos(tmp_path / "alice")
+    out = tmp_path / "embeddings" / "alice.safetensors"
+
+    assert main(args(tiny_models, face_pack, out, tmp_path / "alice")) == 0
+
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["prompt_word"] == "embedding:alice"
+    assert summary["skipped"] == ["wall.png"] and sorted(summary["used"]) == ["front.png", "side.jpg"]
+    vectors = load_textual_inversion(out)
+    # The file holds exactly what the pipeline gives for the same photos.
+    encoder = SubjectEncoder.from_paths(tiny_models.inverter, tiny_models.encoder, tiny_models.tokenizer,
+                                        faces=FaceAnalyzer.from_folder(face_pack, provider="cpu"))
+    subject, _ = encoder.encode_photos([str(tmp_path / "alice" / n) for n in ("front.png", "side.jpg", "wall.png")])
+    assert vectors.shape == (16, tiny_models.spec.hidden_size)
+    torch.testing.assert_close(vectors, subject.tokens, rtol=1e-5, atol=1e-5)
+
+
+def test_existing_file_is_kept_unless_overwrite(tmp_path, tiny_models, face_pack):
+    photo = write_photos(tmp_path / "p")[0]
+    out = tmp_path / "bob.safetensors"
+    out.write_bytes(b"keep me")
+
+    assert main(args(tiny_models, face_pack, out, photo)) == 2
+    assert out.read_bytes() == b"keep me"
+    assert main(args(tiny_models, face_pack, out, photo) + ["--overwrite"]) == 0
+    assert load_textual_inversion(out).shape[0] == 16
+
+
+def test_bad_inputs_fail_with_one_clear_line(tmp_path, tiny_models, face_pack, caplog):
+    black = write_photos(tmp_path / "p")[2]
+    out = tmp_path / "x.safetensors"
+
+    assert main(args(tiny_models, face_pack, out, black)) == 2
+    assert "no face found in wall.png" in caplog.text and not out.exists()
+
+    caplog.clear()
+    missing = args(tiny_models, face_pack, out, black)
+    missing[missing.index("--inverter") + 1] = str(tmp_path / "models" / "adaface" / "none.safetensors")
+    assert main(missing) == 2
+    assert "none.safetensors" in caplog.text
+
+    caplog.clear()
+    assert main(args(tiny_models, face_pack, tmp_path / "bad name!.safetensors", black)) == 2
+    assert "embedding name" in caplog.text
