@@ -1,0 +1,52 @@
+"""The ADAFACE object: the loaded models, kept by ComfyUI's output cache between runs.
+
+Anything cached across runs lives here (the SubjectEncoder's photo cache, the teacher UNet once
+loaded), never on node instances. The torch modules go through ComfyUI's model management, so they
+are moved to the GPU only while used and offloaded when other models need the memory.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import comfy.model_management as model_management
+import comfy.sd
+
+from ..adaface_core.errors import ModelFileMissingError
+from ..adaface_core.pipeline import SubjectEncoder
+
+logger = logging.getLogger(__name__)
+
+TEACHER_UNET = Path("arc2face") / "diffusion_pytorch_model.safetensors"
+
+
+@dataclass(eq=False)
+class AdaFaceBundle:
+    subjects: SubjectEncoder
+    """Face analysis, Arc2Face encoder and inverter, with the photo cache."""
+    patcher: Any
+    """``ModelPatcher`` around the encoder and inverter modules."""
+    arc2face_folder: Path
+    """The Arc2Face model folder (``encoder/`` and ``arc2face/``)."""
+    _teacher: Optional[Any] = field(default=None, repr=False)
+
+    def encoder(self) -> SubjectEncoder:
+        """The SubjectEncoder with its modules loaded on ComfyUI's compute device."""
+        model_management.load_models_gpu([self.patcher])
+        return self.subjects
+
+    def teacher_model(self) -> Any:
+        """Arc2Face's UNet as a ComfyUI MODEL, loaded on first use (only the teacher sampler needs it)."""
+        if self._teacher is None:
+            path = self.arc2face_folder / TEACHER_UNET
+            if not path.is_file():
+                raise ModelFileMissingError(
+                    f"the Arc2Face UNet is missing: put FoivosPar/Arc2Face's arc2face/ folder (config.json and "
+                    f"diffusion_pytorch_model.safetensors) in {self.arc2face_folder}"
+                )
+            logger.info("loading the Arc2Face UNet from %s", path)
+            self._teacher = comfy.sd.load_diffusion_model(str(path))
+        return self._teacher

@@ -1,0 +1,72 @@
+"""Save AdaFace Embedding and Mix Subject Embeddings: subjects beyond one graph."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from ..adaface_core.subject import SubjectEmbedding
+from ..adaface_core.textual_inversion import embedding_file_name, save_textual_inversion
+from . import folders
+from .errors import EmbeddingExistsError
+from .types import ADAFACE_SUBJECT, CATEGORY
+
+logger = logging.getLogger(__name__)
+
+
+class AdaFaceSaveEmbedding:
+    DESCRIPTION = (
+        "Saves the subject as a textual-inversion embedding in ComfyUI/models/embeddings. Write "
+        "'embedding:NAME' in any SD1.5 prompt to use the person without AdaFace nodes."
+    )
+    CATEGORY = CATEGORY
+    OUTPUT_NODE = True
+    RETURN_TYPES = ("STRING",)
+    RETURN_NAMES = ("prompt_word",)
+    OUTPUT_TOOLTIPS = ("The text to write in a prompt, 'embedding:NAME'.",)
+    FUNCTION = "save"
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {
+            "required": {
+                "subject": (ADAFACE_SUBJECT, {"tooltip": "The person to save."}),
+                "name": ("STRING", {"default": "adaface_subject", "tooltip": "File name (letters, digits, _ - .); the prompt word becomes embedding:NAME."}),
+                "id_strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 2.0, "step": 0.05, "tooltip": "Identity strength baked into the file (1 as trained)."}),
+                "overwrite": ("BOOLEAN", {"default": False, "tooltip": "Replace an embedding of the same name; off, an existing file stops the run."}),
+            }
+        }
+
+    def save(self, subject: SubjectEmbedding, name: str, id_strength: float, overwrite: bool) -> dict:
+        file_name = embedding_file_name(name.strip())
+        existing = folders.existing_embedding(file_name)
+        if existing is not None and not overwrite:
+            raise EmbeddingExistsError(f"{existing} already exists: choose another name, or switch on overwrite to replace it")
+        path = folders.embeddings_folder() / file_name
+        metadata = {"adaface_sources": json.dumps(list(subject.sources)), "adaface_id_strength": str(id_strength)}
+        save_textual_inversion(subject.scaled_tokens(id_strength), path, metadata)
+        word = f"embedding:{file_name[: -len('.safetensors')]}"
+        logger.info("saved the subject as %s; use it in a prompt as %s", path, word)
+        return {"ui": {"text": [word]}, "result": (word,)}
+
+
+class AdaFaceMixSubjects:
+    DESCRIPTION = "Blends two people into one subject: weight 0 gives subject_a, 1 gives subject_b."
+    CATEGORY = CATEGORY
+    RETURN_TYPES = (ADAFACE_SUBJECT,)
+    RETURN_NAMES = ("subject",)
+    OUTPUT_TOOLTIPS = ("The blended subject.",)
+    FUNCTION = "mix"
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {
+            "required": {
+                "subject_a": (ADAFACE_SUBJECT, {"tooltip": "The first person (weight 0)."}),
+                "subject_b": (ADAFACE_SUBJECT, {"tooltip": "The second person (weight 1)."}),
+                "weight": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.05, "tooltip": "How much of subject_b is in the blend."}),
+            }
+        }
+
+    def mix(self, subject_a: SubjectEmbedding, subject_b: SubjectEmbedding, weight: float) -> tuple[SubjectEmbedding]:
+        return (subject_a.mix(subject_b, weight),)

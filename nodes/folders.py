@@ -1,0 +1,119 @@
+"""The model folders this pack reads, registered with ComfyUI's ``folder_paths``, and their listings.
+
+Registration runs when ComfyUI imports the pack, which is after ``extra_model_paths.yaml`` was read:
+entries that file added for our names are kept and our default ``models/<name>`` is appended.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..adaface_core.errors import ModelFileMissingError
+
+ADAFACE_FOLDER = "adaface"
+ARC2FACE_FOLDER = "arc2face"
+INSIGHTFACE_FOLDER = "insightface"
+EMBEDDINGS_FOLDER = "embeddings"
+
+_EXTENSIONS = {ADAFACE_FOLDER: {".safetensors"}, ARC2FACE_FOLDER: set(), INSIGHTFACE_FOLDER: set()}
+
+
+def register_model_folders() -> None:
+    """Adds ``models/adaface`` (inverter files), ``models/arc2face`` and ``models/insightface``."""
+    import folder_paths
+
+    for name, extensions in _EXTENSIONS.items():
+        default = os.path.join(folder_paths.models_dir, name)
+        paths, existing = folder_paths.folder_names_and_paths.get(name, ([], set()))
+        paths = list(paths) + ([default] if default not in paths else [])
+        folder_paths.folder_names_and_paths[name] = (paths, set(existing) | extensions)
+
+
+def _roots(name: str) -> list[Path]:
+    import folder_paths
+
+    return [Path(p) for p in folder_paths.get_folder_paths(name)]
+
+
+def _where(name: str, tail: str = "") -> str:
+    return " or ".join(str(root / tail) if tail else str(root) for root in _roots(name))
+
+
+def inverter_files() -> list[str]:
+    import folder_paths
+
+    return folder_paths.get_filename_list(ADAFACE_FOLDER)
+
+
+def inverter_path(file_name: str) -> Path:
+    """The full path of an inverter file chosen in the dropdown."""
+    import folder_paths
+
+    try:
+        return Path(folder_paths.get_full_path_or_raise(ADAFACE_FOLDER, file_name))
+    except FileNotFoundError:
+        raise ModelFileMissingError(
+            f"AdaFace inverter {file_name!r} not found: put adaface_inverter.safetensors (or your own trained "
+            f"inverter) in {_where(ADAFACE_FOLDER)}"
+        ) from None
+
+
+def _is_arc2face_folder(path: Path) -> bool:
+    return (path / "encoder" / "config.json").is_file()
+
+
+def arc2face_folders() -> list[str]:
+    """Folders under ``models/arc2face`` holding Arc2Face's ``encoder/`` (``.`` when the root itself does)."""
+    names: set[str] = set()
+    for root in _roots(ARC2FACE_FOLDER):
+        if _is_arc2face_folder(root):
+            names.add(".")
+        if root.is_dir():
+            names.update(child.name for child in root.iterdir() if child.is_dir() and _is_arc2face_folder(child))
+    return sorted(names)
+
+
+def arc2face_folder(name: str) -> Path:
+    for root in _roots(ARC2FACE_FOLDER):
+        candidate = (root / name) if name != "." else root
+        if _is_arc2face_folder(candidate):
+            return candidate
+    raise ModelFileMissingError(
+        f"Arc2Face folder {name!r} not found: download FoivosPar/Arc2Face and put its encoder/ and arc2face/ "
+        f"folders in {_where(ARC2FACE_FOLDER, name if name != '.' else '<name>')}"
+    )
+
+
+def face_pack_folders() -> list[str]:
+    """Pack folders under ``models/insightface/models`` (where insightface-based packs keep them)."""
+    names: set[str] = set()
+    for root in _roots(INSIGHTFACE_FOLDER):
+        packs = root / "models"
+        if packs.is_dir():
+            names.update(child.name for child in packs.iterdir() if child.is_dir())
+    return sorted(names)
+
+
+def face_pack_folder(name: str) -> Path:
+    """The chosen pack folder; the core names the files it lacks, so only a missing folder is reported here."""
+    for root in _roots(INSIGHTFACE_FOLDER):
+        candidate = root / "models" / name
+        if candidate.is_dir():
+            return candidate
+    raise ModelFileMissingError(
+        f"face model folder {name!r} not found: unpack the antelopev2 face models into {_where(INSIGHTFACE_FOLDER, 'models/' + name)}"
+    )
+
+
+def embeddings_folder() -> Path:
+    """Where new embeddings are saved: the first ComfyUI embeddings folder."""
+    return _roots(EMBEDDINGS_FOLDER)[0]
+
+
+def existing_embedding(file_name: str) -> Path | None:
+    """An embedding of this file name in any embeddings folder (``embedding:NAME`` would find it)."""
+    for root in _roots(EMBEDDINGS_FOLDER):
+        if (root / file_name).exists():
+            return root / file_name
+    return None

@@ -1,0 +1,86 @@
+"""Load AdaFace: face models, Arc2Face encoder and an inverter from ComfyUI's model folders."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from pathlib import Path
+
+import comfy.model_management as model_management
+import comfy.model_patcher
+import torch
+
+from ..adaface_core.errors import ModelFileMissingError
+from ..adaface_core.face_analysis import FaceAnalyzer
+from ..adaface_core.pipeline import SubjectEncoder
+from ..adaface_core.tokenizer import find_tokenizer_folder
+from . import folders
+from .bundle import AdaFaceBundle
+from .types import ADAFACE, CATEGORY
+
+logger = logging.getLogger(__name__)
+
+PROVIDERS = {"auto": "auto", "CPU": "cpu", "CUDA": "cuda", "ROCm": "rocm", "CoreML": "coreml"}
+
+
+def comfy_tokenizer_folder() -> Path:
+    """ComfyUI's own copy of the SD1.5 (CLIP-L) tokenizer, ``comfy/sd1_tokenizer``."""
+    spec = importlib.util.find_spec("comfy")  # a namespace package in ComfyUI: no __init__.py, no origin
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelFileMissingError("cannot find ComfyUI's comfy package, which holds the SD1 tokenizer")
+    return Path(list(spec.submodule_search_locations)[0]) / "sd1_tokenizer"
+
+
+def tokenizer_folder(arc2face_folder: Path) -> Path:
+    """A ``tokenizer/`` folder next to the Arc2Face encoder when there is one, else ComfyUI's (no download)."""
+    try:
+        return find_tokenizer_folder(arc2face_folder)
+    except ModelFileMissingError:
+        return find_tokenizer_folder(comfy_tokenizer_folder())
+
+
+class AdaFaceLoader:
+    DESCRIPTION = (
+        "Loads the AdaFace models: an inverter from models/adaface, Arc2Face's encoder from models/arc2face "
+        "and the face detector/recogniser pack from models/insightface/models. Nothing is downloaded."
+    )
+    CATEGORY = CATEGORY
+    RETURN_TYPES = (ADAFACE,)
+    RETURN_NAMES = ("adaface",)
+    OUTPUT_TOOLTIPS = ("The loaded AdaFace models, for Face → ID Embedding and the teacher sampler.",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {
+            "required": {
+                "inverter": (folders.inverter_files(), {"tooltip": "AdaFace inverter file (.safetensors) in ComfyUI/models/adaface."}),
+                "arc2face": (
+                    folders.arc2face_folders(),
+                    {"tooltip": "Folder in ComfyUI/models/arc2face holding FoivosPar/Arc2Face's encoder/ (and arc2face/ for the teacher)."},
+                ),
+                "face_models": (
+                    folders.face_pack_folders(),
+                    {"tooltip": "Face detector + recogniser pack in ComfyUI/models/insightface/models (antelopev2)."},
+                ),
+                "provider": (
+                    list(PROVIDERS),
+                    {"default": "auto", "tooltip": "Where face detection runs (onnxruntime); auto picks a GPU when this onnxruntime has one."},
+                ),
+            }
+        }
+
+    def load(self, inverter: str, arc2face: str, face_models: str, provider: str) -> tuple[AdaFaceBundle]:
+        inverter_file = folders.inverter_path(inverter)
+        arc2face_dir = folders.arc2face_folder(arc2face)
+        faces = FaceAnalyzer.from_folder(folders.face_pack_folder(face_models), provider=PROVIDERS.get(provider, provider))
+        load_device = model_management.get_torch_device()
+        offload_device = model_management.unet_offload_device()
+        dtype = torch.float16 if model_management.should_use_fp16(load_device) else torch.float32
+        subjects = SubjectEncoder.from_paths(
+            inverter_file, arc2face_dir / "encoder", tokenizer_folder(arc2face_dir), faces=faces, device=offload_device, dtype=dtype
+        )
+        modules = torch.nn.ModuleDict({"encoder": subjects.encoder, "inverter": subjects.inverter})
+        patcher = comfy.model_patcher.ModelPatcher(modules, load_device=load_device, offload_device=offload_device)
+        logger.info("AdaFace loaded: %s, Arc2Face %s, faces %s (%s)", inverter_file.name, arc2face_dir, face_models, dtype)
+        return (AdaFaceBundle(subjects=subjects, patcher=patcher, arc2face_folder=arc2face_dir),)

@@ -1,0 +1,277 @@
+"""The ComfyUI nodes, run through the pack as ComfyUI loads it, on tiny models in the users' folder layouts."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from adaface_core.tiny_face_models import write_tiny_face_pack
+from adaface_core.tokenizer import load_clip_tokenizer
+from adaface_core.weights import load_clip_text_folder
+from comfy_env import comfy_env
+from comfy_standin import StandInClip
+
+INVERTER = "tiny_inverter.safetensors"
+ARC2FACE = "arc2face_models"
+FACES = "antelopev2"
+
+
+@pytest.fixture(scope="module")
+def env(tiny_models, tmp_path_factory):
+    with comfy_env(tmp_path_factory.mktemp("comfy") / "ComfyUI", tiny_models.tokenizer) as env:
+        models = env.models
+        (models / "adaface").mkdir()
+        shutil.copy(tiny_models.inverter, models / "adaface" / INVERTER)
+        shutil.copytree(tiny_models.arc2face, models / "arc2face" / ARC2FACE)
+        # The tiny encoder is 64 wide, so the tiny recogniser's vectors are too (ArcFace's 512 fit 768).
+        write_tiny_face_pack(models / "insightface" / "models" / FACES, recognizer_dim=64)
+        (models / "embeddings").mkdir()
+        assert not (models / "arc2face" / ARC2FACE / "tokenizer").exists()  # so ComfyUI's sd1_tokenizer is used
+        yield env
+
+
+@pytest.fixture(scope="module")
+def adaface(env):
+    return env.node("AdaFaceLoader").load(INVERTER, ARC2FACE, FACES, "CPU")[0]
+
+
+@pytest.fixture(scope="module")
+def clip(tiny_models):
+    return StandInClip(load_clip_tokenizer(tiny_models.tokenizer), load_clip_text_folder(tiny_models.sd15 / "text_encoder"))
+
+
+def photo(corner: int = 80, colour=(0.9, 0.7, 0.6), size: int = 320) -> torch.Tensor:
+    """A ComfyUI IMAGE [1, H, W, 3] holding what the tiny detector takes for a face (a bright square)."""
+    image = torch.zeros(1, size, size, 3)
+    image[0, corner : corner + 160, corner : corner + 160] = torch.tensor(colour)
+    return image
+
+
+@pytest.fixture(scope="module")
+def subject(env, adaface):
+    return env.node("AdaFaceFaceEmbed").embed(adaface, photo())[0]
+
+
+def word_subject(env, clip, word: str):
+    """A subject whose tokens are the input embedding of a real word (so injecting it must equal the word)."""
+    ids = clip.tokenizer(word, add_special_tokens=False)["input_ids"]
+    tokens = clip.text_model.embeddings.token_embedding.weight[ids].detach().clone()
+    SubjectEmbedding = env.core("subject", "SubjectEmbedding")
+    return SubjectEmbedding(tokens=tokens, pad_embeds=torch.zeros_like(tokens), id_vector=torch.ones(64) / 8.0, sources=(word,))
+
+
+def inject(env, clip, subject, text="a photo of z", **options):
+    args = {"placeholder": "z", "id_strength": 1.0, "start_percent": 0.0, "end_percent": 1.0, "append_if_missing": False} | options
+    return env.node("AdaFaceInjectSubject").inject(clip, subject, text, **args)[0]
+
+
+# ------------------------------------------------------------------ loading and model folders
+
+
+def test_loader_lists_the_models_in_comfyui_folders(env):
+    required = env.pack.NODE_CLASS_MAPPINGS["AdaFaceLoader"].INPUT_TYPES()["required"]
+    assert required["inverter"][0] == [INVERTER]
+    assert required["arc2face"][0] == [ARC2FACE]
+    assert required["face_models"][0] == [FACES]
+    assert required["provider"][0] == ["auto", "CPU", "CUDA", "ROCm", "CoreML"]
+
+
+def test_loader_builds_the_bundle_through_model_management(env, adaface):
+    assert adaface.subjects.faces.providers == ["CPUExecutionProvider"]
+    assert adaface.patcher.load_device == torch.device("cpu")
+    assert adaface.arc2face_folder == env.models / "arc2face" / ARC2FACE
+    # the patcher holds exactly the encoder and inverter modules the SubjectEncoder uses
+    assert adaface.patcher.model["encoder"] is adaface.subjects.encoder
+    assert adaface.patcher.model["inverter"] is adaface.subjects.inverter
+
+
+@pytest.mark.parametrize(
+    "inputs, where",
+    [
+        (("missing.safetensors", ARC2FACE, FACES), "adaface"),
+        ((INVERTER, "not_there", FACES), "arc2face"),
+        ((INVERTER, ARC2FACE, "buffalo_l"), "insightface"),
+    ],
+)
+def test_missing_model_names_the_folder_to_put_it_in(env, inputs, where):
+    with pytest.raises(env.core("errors", "ModelFileMissingError")) as error:
+        env.node("AdaFaceLoader").load(*inputs, "auto")
+    assert str(env.models / where) in str(error.value)
+
+
+def test_registration_keeps_extra_model_paths_entries(tiny_models, tmp_path):
+    extra = str(tmp_path / "shared" / "adaface")
+
+    def extra_model_paths(folder_paths):  # what extra_model_paths.yaml does before custom nodes load
+        folder_paths.add_model_folder_path("adaface", extra)
+
+    with comfy_env(tmp_path / "ComfyUI", tiny_models.tokenizer, before_pack=extra_model_paths) as env:
+        paths, extensions = env.folder_paths.folder_names_and_paths["adaface"]
+        assert paths == [extra, str(env.models / "adaface")]
+        assert ".safetensors" in extensions
+        for name in ("arc2face", "insightface"):
+            assert env.folder_paths.get_folder_paths(name) == [str(env.models / name)]
+
+
+# ------------------------------------------------------------------ face -> subject
+
+
+def test_face_embed_gives_a_subject_and_the_aligned_rgb_crop(env, adaface):
+    subject, crops = env.node("AdaFaceFaceEmbed").embed(adaface, photo())
+    assert subject.tokens.shape == (16, 64) and torch.isfinite(subject.tokens).all()
+    assert subject.sources == ("image 1",)
+    assert crops.shape == (1, 112, 112, 3) and crops.dtype == torch.float32
+    face = adaface.subjects.faces.analyze((photo()[0].numpy() * 255).round().astype(np.uint8))
+    torch.testing.assert_close(crops[0], torch.from_numpy(face.aligned).float() / 255)  # RGB, not BGR
+    assert adaface.patcher in env.module("comfy.model_management").current_loaded_models
+
+
+def test_same_photos_are_analysed_once(env, adaface, monkeypatch):
+    calls = []
+    analyse = adaface.subjects.faces.identity
+    monkeypatch.setattr(adaface.subjects.faces, "identity", lambda *a, **k: calls.append(1) or analyse(*a, **k))
+    node = env.node("AdaFaceFaceEmbed")
+    first = node.embed(adaface, photo(corner=40))[0]
+    second = node.embed(adaface, photo(corner=40))[0]
+    assert len(calls) == 1 and torch.equal(first.tokens, second.tokens)
+    node.embed(adaface, photo(corner=100))
+    assert len(calls) == 2
+
+
+def test_photo_without_face_is_skipped_with_a_warning(env, adaface, caplog):
+    batch = torch.cat([photo(), torch.zeros(1, 320, 320, 3)])
+    with caplog.at_level(logging.WARNING):
+        subject, crops = env.node("AdaFaceFaceEmbed").embed(adaface, batch)
+    assert subject.sources == ("image 1",) and crops.shape[0] == 1
+    assert any("image 2" in record.getMessage() for record in caplog.records)
+
+
+def test_no_face_at_all_tells_the_artist_what_to_do(env, adaface):
+    with pytest.raises(env.core("errors", "NoFaceError"), match="no face found in image 1; use a photo where the face"):
+        env.node("AdaFaceFaceEmbed").embed(adaface, torch.zeros(1, 256, 256, 3))
+
+
+# ------------------------------------------------------------------ injection into CONDITIONING
+
+
+def test_injection_changes_the_conditioning_from_the_placeholder_on(env, clip, subject):
+    conditioning = inject(env, clip, subject)
+    cond = conditioning[0][0]
+    plain = clip.encode_from_tokens(clip.tokenize("a photo of z"))
+    assert len(conditioning) == 1 and cond.shape == (1, 77, 64)
+    assert "start_percent" not in conditioning[0][1]
+    # causal CLIP: start, "a", "photo", "of" are untouched; the subject's 16 positions and after change
+    torch.testing.assert_close(cond[:, :4], plain[:, :4])
+    assert not torch.allclose(cond[:, 4:20], plain[:, 4:20], atol=1e-4)
+
+
+def test_a_words_embedding_as_subject_equals_writing_the_word(env, clip):
+    cond = inject(env, clip, word_subject(env, clip, "dog"), "a photo of z in the forest")[0][0]
+    expected = clip.encode_from_tokens(clip.tokenize("a photo of dog in the forest"))
+    torch.testing.assert_close(cond, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_second_subject_goes_to_the_second_placeholder(env, clip):
+    dog, cat = word_subject(env, clip, "dog"), word_subject(env, clip, "cat")
+    cond = inject(env, clip, dog, "z and y on a sofa", subject_2=cat, placeholder_2="y")[0][0]
+    expected = clip.encode_from_tokens(clip.tokenize("dog and cat on a sofa"))
+    torch.testing.assert_close(cond, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_id_strength_moves_the_tokens_toward_padding(env, clip, subject):
+    SubjectEmbedding = env.core("subject", "SubjectEmbedding")
+    padding = SubjectEmbedding(subject.pad_embeds, subject.pad_embeds, subject.id_vector)
+    torch.testing.assert_close(inject(env, clip, subject, id_strength=0.0)[0][0], inject(env, clip, padding)[0][0])
+
+
+def test_start_and_end_percent_are_recorded(env, clip, subject):
+    conditioning = inject(env, clip, subject, start_percent=0.2, end_percent=0.8)
+    assert conditioning[0][1]["start_percent"] == 0.2 and conditioning[0][1]["end_percent"] == 0.8
+    assert "pooled_output" in conditioning[0][1]
+
+
+def test_missing_placeholder_is_a_clear_error_unless_appending(env, clip):
+    dog = word_subject(env, clip, "dog")
+    with pytest.raises(env.core("errors", "PlaceholderError"), match="'a photo of z in the forest'"):
+        inject(env, clip, dog, "a photo of a man")
+    cond = inject(env, clip, dog, "a photo of a man", append_if_missing=True)[0][0]
+    torch.testing.assert_close(cond, clip.encode_from_tokens(clip.tokenize("a photo of a man dog")), atol=1e-5, rtol=1e-5)
+
+
+def test_only_sd15_clips_of_the_subject_width_are_accepted(env, clip, subject):
+    class SdxlClip:
+        def tokenize(self, text):
+            return {"g": clip.tokenize(text)["l"], "l": clip.tokenize(text)["l"]}
+
+    UnsupportedClipError = env.module("nodes.errors").UnsupportedClipError
+    with pytest.raises(UnsupportedClipError, match="SD1.5 models only"):
+        inject(env, SdxlClip(), subject)
+    SubjectEmbedding = env.core("subject", "SubjectEmbedding")
+    narrow = SubjectEmbedding(torch.zeros(4, 32), torch.zeros(4, 32), torch.ones(32))
+    with pytest.raises(UnsupportedClipError, match="32 wide but this CLIP is 64 wide"):
+        inject(env, clip, narrow)
+
+
+# ------------------------------------------------------------------ save and mix
+
+
+def test_saved_embedding_loads_back_and_is_not_overwritten_by_accident(env, subject):
+    node = env.node("AdaFaceSaveEmbedding")
+    out = node.save(subject, "alice", 1.0, False)
+    assert out["result"] == ("embedding:alice",) and out["ui"]["text"] == ["embedding:alice"]
+    path = env.models / "embeddings" / "alice.safetensors"
+    load = env.core("textual_inversion", "load_textual_inversion")
+    torch.testing.assert_close(load(path), subject.tokens)
+    with pytest.raises(env.module("nodes.errors").EmbeddingExistsError, match="overwrite"):
+        node.save(subject, "alice", 0.5, False)
+    torch.testing.assert_close(load(path), subject.tokens)
+    node.save(subject, "alice", 0.5, True)
+    torch.testing.assert_close(load(path), subject.scaled_tokens(0.5))
+
+
+def test_mix_at_zero_and_one_gives_the_endpoints(env, adaface, subject):
+    other = env.node("AdaFaceFaceEmbed").embed(adaface, photo(corner=20, colour=(1.0, 0.8, 0.5)))[0]
+    node = env.node("AdaFaceMixSubjects")
+    assert not torch.allclose(other.tokens, subject.tokens)
+    torch.testing.assert_close(node.mix(subject, other, 0.0)[0].tokens, subject.tokens)
+    torch.testing.assert_close(node.mix(subject, other, 1.0)[0].tokens, other.tokens)
+    half = node.mix(subject, other, 0.5)[0]
+    torch.testing.assert_close(half.tokens, (subject.tokens + other.tokens) / 2)
+
+
+# ------------------------------------------------------------------ teacher sampler
+
+
+def test_teacher_sampler_gives_a_deterministic_latent_and_reports_progress(env, adaface, subject):
+    utils = env.module("comfy.utils")
+    updates = []
+    utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: updates.append((value, total)))
+    try:
+        node = env.node("AdaFaceTeacherSampler")
+        first = node.sample(adaface, subject, 7, 3, 3.0, 64, 96, 2)[0]["samples"]
+        assert updates == [(1, 3), (2, 3), (3, 3)]
+        second = node.sample(adaface, subject, 7, 3, 3.0, 64, 96, 2)[0]["samples"]
+        other_seed = node.sample(adaface, subject, 8, 3, 3.0, 64, 96, 2)[0]["samples"]
+    finally:
+        utils.set_progress_bar_global_hook(None)
+    assert first.shape == (2, 4, 12, 8) and torch.isfinite(first).all()
+    torch.testing.assert_close(first, second)
+    assert not torch.allclose(first, other_seed)
+
+
+def test_teacher_sampler_stops_when_comfyui_is_interrupted(env, adaface, subject):
+    management = env.module("comfy.model_management")
+    management.interrupt_current_processing()
+    with pytest.raises(management.InterruptProcessingException):
+        env.node("AdaFaceTeacherSampler").sample(adaface, subject, 0, 2, 3.0, 64, 64, 1)
+
+
+def test_teacher_without_the_arc2face_unet_says_where_to_put_it(env, adaface, subject, tmp_path):
+    without_unet = type(adaface)(subjects=adaface.subjects, patcher=adaface.patcher, arc2face_folder=tmp_path / "Arc2Face")
+    with pytest.raises(env.core("errors", "ModelFileMissingError"), match="arc2face/ folder") as error:
+        env.node("AdaFaceTeacherSampler").sample(without_unet, subject, 0, 2, 3.0, 64, 64, 1)
+    assert str(tmp_path / "Arc2Face") in str(error.value)
