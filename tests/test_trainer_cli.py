@@ -1,5 +1,6 @@
 """The trainer as users run it: the smoke preset end to end, and two CPU processes under accelerate."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -33,6 +34,12 @@ def test_smoke_preset_end_to_end(tmp_path):
     assert (out / "smoke_conditioning.safetensors").is_file()
     assert (out / "face" / "losses.csv").read_text().count("\n") == 31
     assert str(final) in log
+    # Stage 2 ran from stage 1's result and measured itself on held-out draws.
+    composed = load_inverter(out / "composition" / "adaface_inverter.safetensors")
+    assert composed.config.attention_multipliers == [4, 2, 1]
+    held = json.loads((out / "composition" / "heldout.json").read_text())
+    assert held["face_within_bound"] and "held-out delta loss" in log
+    assert (out / "composition" / "losses.csv").read_text().count("\n") == 11
     if (out / "models" / "buffalo_s").is_dir():  # a real detector was installed: real photos were used
         assert "coffee_no_face.jpg" in (out / "no_face.txt").read_text()
         assert "the face in" in log

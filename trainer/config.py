@@ -204,6 +204,11 @@ def _build(cls: Any, values: Any, where: str) -> Any:
     return cls(**kwargs)
 
 
+def section_from_mapping(cls: Any, values: Any, where: str) -> Any:
+    """A stage plug-in's settings dataclass from its ``extra:`` mapping, with the same checks as the YAML."""
+    return _build(cls, values, where)
+
+
 def _convert(hint: Any, value: Any, where: str) -> Any:
     origin = typing.get_origin(hint)
     if origin is Union:

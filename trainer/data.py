@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -47,7 +47,8 @@ def mask_path(image: Path) -> Path:
     return image.with_name(image.stem + MASK_SUFFIX)
 
 
-def _key(root: Path, image: Path) -> str:
+def image_key(root: Path, image: Path) -> str:
+    """Cache key of a photo: its path under the root, size and mtime (an edited photo is analysed again)."""
     stat = image.stat()
     return f"{image.relative_to(root).as_posix()}|{stat.st_size}|{stat.st_mtime_ns}"
 
@@ -79,7 +80,7 @@ def compute_face_ids(
     analyzer = None
     kept, vectors, skipped, keys, no_face = [], [], [], [], []
     for image in images:
-        key = _key(root, image)
+        key = image_key(root, image)
         if key in no_face_cached:
             skipped.append(image)
             no_face.append(key)
@@ -127,9 +128,16 @@ class FaceImages:
     paths: list[Path]
     id_vectors: torch.Tensor
     image_size: int
+    fallback_masks: dict[int, torch.Tensor] = field(default_factory=dict)
+    """Masks for photos without a mask file (stage 2: from the detector, ``face_masks``); else all ones."""
 
     def __len__(self) -> int:
         return len(self.paths)
+
+    def square_mask(self, mask: Image.Image) -> torch.Tensor:
+        """A full-photo mask cropped and resized like the photo: ``[1, S, S]`` in {0, 1}."""
+        m = _center_square(mask.convert("L")).resize((self.image_size, self.image_size), Image.NEAREST)
+        return torch.from_numpy((np.asarray(m) > 0).astype(np.float32))[None]
 
     def load(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         path = self.paths[index]
@@ -141,10 +149,9 @@ class FaceImages:
         mpath = mask_path(path)
         if mpath.is_file():
             with Image.open(mpath) as m:
-                m = _center_square(m.convert("L")).resize((size, size), Image.NEAREST)
-                mask = torch.from_numpy((np.asarray(m) > 0).astype(np.float32))[None]
+                mask = self.square_mask(m)
         else:
-            mask = torch.ones(1, size, size)
+            mask = self.fallback_masks.get(index, torch.ones(1, size, size))
         return pixels, mask
 
 

@@ -1,9 +1,10 @@
 """Progress and records: a tqdm bar (loss, it/s), a CSV of losses, TensorBoard when installed, and a
-loss-curve PNG at the end when matplotlib is installed. Only the main process writes."""
+loss-curve PNG at the end when matplotlib is installed; stage 2's held-out report. Only the main process writes."""
 
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import sys
 import time
@@ -123,3 +124,51 @@ class TrainLogger:
         fig.savefig(self.png_path, dpi=100)
         plt.close(fig)
         return self.png_path
+
+
+class HeldoutReport:
+    """Stage 2's held-out figures (``heldout_delta``, ``heldout_face``) at its start and end: ``heldout.csv``
+    (a row each), ``heldout.json`` and the log.
+
+    The start row is written at once, so a resumed stage compares its end with the stage's true start
+    (the first row) instead of measuring again. ``face_bound``: after <= bound x before, else a warning.
+    """
+
+    def __init__(self, stage_dir: Path, face_bound: float, enabled: bool):
+        self.csv_path = stage_dir / "heldout.csv"
+        self.json_path = stage_dir / "heldout.json"
+        self.face_bound = float(face_bound)
+        self.enabled = enabled
+        self.before: dict[str, float] = {}
+
+    def start(self, step: int, measure) -> dict[str, float]:
+        if step > 0 and self.csv_path.is_file():
+            with self.csv_path.open(newline="", encoding="utf-8") as handle:
+                first = next(csv.DictReader(handle), None)
+            if first is not None:
+                first.pop("step")
+                self.before = {k: float(v) for k, v in first.items()}
+                return self.before
+        self.before = measure()
+        if self.enabled:
+            self.csv_path.parent.mkdir(parents=True, exist_ok=True)
+            with self.csv_path.open("w", newline="", encoding="utf-8") as handle:
+                csv.writer(handle).writerows([["step", *self.before], [step, *(f"{v:.6g}" for v in self.before.values())]])
+        return self.before
+
+    def finish(self, step: int, after: dict[str, float]) -> dict:
+        summary = {f"{k}_before": v for k, v in self.before.items()}
+        summary.update({f"{k}_after": float(v) for k, v in after.items()})
+        summary["face_loss_bound"] = self.face_bound
+        summary["face_within_bound"] = summary["heldout_face_after"] <= self.face_bound * summary["heldout_face_before"]
+        if self.enabled:
+            with self.csv_path.open("a", newline="", encoding="utf-8") as handle:
+                csv.writer(handle).writerow([step, *(f"{after[k]:.6g}" for k in self.before)])
+            self.json_path.write_text(json.dumps(summary, indent=2), encoding="utf-8")
+        logger.info("held-out delta loss %.4f -> %.4f; stage-1 face loss %.4f -> %.4f (bound: after <= %.2f x before: %s)",
+                    summary["heldout_delta_before"], summary["heldout_delta_after"], summary["heldout_face_before"],
+                    summary["heldout_face_after"], self.face_bound, "kept" if summary["face_within_bound"] else "EXCEEDED")
+        if not summary["face_within_bound"]:
+            logger.warning("stage 2 raised the held-out face-distillation loss beyond the bound: lower the composition "
+                           "loss weights or d_coef, or stop earlier")
+        return summary

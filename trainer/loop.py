@@ -56,6 +56,8 @@ class StageResult:
     seconds: float = 0.0
     steps_per_second: float = 0.0
     loss_curve: Optional[Path] = None
+    heldout: Optional[dict] = None
+    """Held-out figures before/after the stage (stages with ``evaluate``, i.e. stage 2)."""
 
 
 def build_optimizer(params: list[torch.nn.Parameter], config: OptimConfig, previous: Optional[torch.optim.Optimizer] = None):

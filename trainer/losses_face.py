@@ -44,11 +44,11 @@ class FaceDistillationLoss:
     def _alpha_bar(self, models: Models, t: torch.Tensor) -> torch.Tensor:
         return models.scheduler.alphas_cumprod.to(t.device)[t].float().view(-1, 1, 1, 1)
 
-    def _noisy(self, models: Models, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def noisy(self, models: Models, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         ab = self._alpha_bar(models, t)
         return ab.sqrt() * x0 + (1 - ab).sqrt() * noise
 
-    def _x0(self, models: Models, x_t: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def x0(self, models: Models, x_t: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         ab = self._alpha_bar(models, t)
         return ((x_t - (1 - ab).sqrt() * eps) / ab.sqrt()).clamp(-X0_CLAMP, X0_CLAMP)
 
@@ -83,7 +83,7 @@ class FaceDistillationLoss:
             # x0: the photo's latent, or for random IDs the teacher's estimate from pure noise.
             pure = noises[-1].to(device)
             t_top = torch.full((b,), T - 1, dtype=torch.long, device=device)
-            x0 = self._x0(models, pure, self.teacher_eps(models, pure, t_top, teacher_ctx, cfg_scale), t_top)
+            x0 = self.x0(models, pure, self.teacher_eps(models, pure, t_top, teacher_ctx, cfg_scale), t_top)
             mask = torch.ones(b, 1, size, size, device=device)
             if batch.pixels is not None and bool(batch.has_image.any()):
                 rows = batch.has_image.nonzero().flatten()
@@ -101,7 +101,7 @@ class FaceDistillationLoss:
         losses = []
         for i in range(cfg.chain_steps):
             noise = noises[i].to(device)
-            x_t = self._noisy(models, x0, noise, t)
+            x_t = self.noisy(models, x0, noise, t)
             eps_teacher = self.teacher_eps(models, x_t, t, teacher_ctx, cfg_scale)
             eps_student = models.unet(x_t.to(models.frozen_dtype), t,
                                       encoder_hidden_states=student_ctx.to(models.frozen_dtype)).sample.float()
@@ -109,7 +109,7 @@ class FaceDistillationLoss:
             losses.append(sq.sum() / (mask.sum() * sq.shape[1]).clamp_min(1.0))
             if i + 1 < cfg.chain_steps:
                 with torch.no_grad():
-                    x0 = self._x0(models, x_t, eps_teacher, t)
+                    x0 = self.x0(models, x_t, eps_teacher, t)
                     t = (t.float().cpu() * ratios[i]).round().long().clamp_min(1).to(device)
         loss = sum(losses) / math.sqrt(cfg.chain_steps)
         metrics = {f"loss_t{i}": float(l.detach()) for i, l in enumerate(losses)}

@@ -106,12 +106,15 @@ def smoke_config(output: Path, config_file: Optional[Path] = None) -> TrainConfi
         loss=FaceLossConfig(chain_steps=2),
         expansion=ExpansionConfig(factors=[[2, 2, 1], [2, 1, 1]], forced_steps=[10, 20], warmup_steps=5, patience=5),
     )
-    # Used by --stage composition|both once stage 2 is installed (trainer/stage_composition.py).
+    # Stage 2 from stage 1's result: the paper's optimizer settings, fewer and smaller batches.
     config.composition = StageConfig(
         max_steps=10,
-        optim=OptimConfig(optimizer="prodigy", lr=1.0, d_coef=0.5, batch_size=1, grad_accum=1),
+        optim=OptimConfig(optimizer="prodigy", lr=1.0, d_coef=0.5, batch_size=2, grad_accum=2),
         expansion=ExpansionConfig(enabled=False),
+        extra={"heldout_size": 2, "heldout_batches": 2},
     )
+    if config_file is None:
+        config.stage = "both"
     return config
 
 
@@ -147,7 +150,7 @@ def smoke_check(config: TrainConfig, models, result, output: Path) -> dict:
     cond_path = output / "smoke_conditioning.safetensors"
     save_file({"subject_tokens": subject.tokens.contiguous(), "conditioning": conditioning[0].float().cpu().contiguous()},
               str(cond_path))
-    stage = result.stages[0]  # stage 1's figures
+    stage = result.stages[0]  # stage 1's figures; stage 2's follow
     lines = [
         "SMOKE RUN: tiny random models; this proves the training machinery works end to end, not model quality.",
         f"stage 1: {stage.steps} steps in {stage.seconds:.1f} s ({stage.steps_per_second:.2f} steps/s), "
@@ -160,6 +163,15 @@ def smoke_check(config: TrainConfig, models, result, output: Path) -> dict:
     ]
     if stage.loss_curve is not None:
         lines.append(f"loss curve: {stage.loss_curve}")
+    for later in result.stages[1:]:
+        lines.append(f"stage 2 ({later.stage}): {later.steps} steps in {later.seconds:.1f} s, "
+                     f"loss {later.losses[0]:.4f} -> {later.losses[-1]:.4f}" if later.losses else f"stage 2: {later.steps} steps")
+        if later.heldout:
+            h = later.heldout
+            lines.append(f"held-out delta loss {h['heldout_delta_before']:.4f} -> {h['heldout_delta_after']:.4f}; "
+                         f"stage-1 face loss {h['heldout_face_before']:.4f} -> {h['heldout_face_after']:.4f} "
+                         f"(bound x{h['face_loss_bound']:g}: {'kept' if h['face_within_bound'] else 'EXCEEDED'}); "
+                         f"{output / later.stage / 'heldout.json'}")
     if (output / "no_face.txt").is_file():
         lines.append(f"photos skipped for having no detectable face: {output / 'no_face.txt'}")
     for line in lines:

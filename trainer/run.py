@@ -102,7 +102,15 @@ def run_stage(name: str, config, models, accelerator, output: Path, resume: Opti
         log_every=config.run.log_every, resume=resume, tensorboard=config.run.tensorboard,
         crash_at_step=args.crash_at_step, show_progress=not args.no_progress,
     )
+    report = None
+    if hasattr(stage, "evaluate"):  # stages with a held-out check (stage 2) are measured at start and end
+        from trainer.logs import HeldoutReport
+
+        report = HeldoutReport(output / name, stage.settings.face_loss_bound, accelerator.is_main_process)
+        report.start(trainer.step, lambda: stage.evaluate(models))
     result = trainer.train()
+    if report is not None:
+        result.heldout = report.finish(result.steps, stage.evaluate(models))
     logger.info("%s stage: %d steps, %.2f steps/s; inverter %s", name, result.steps, result.steps_per_second,
                 result.final_checkpoint)
     return result
@@ -121,6 +129,10 @@ def main(argv: Optional[list[str]] = None) -> RunResult:
 
     config = load_run_config(args)
     config.validate(check_paths=True)
+    if config.stage in ("composition", "both"):
+        from trainer.stage_composition import composition_settings
+
+        composition_settings(config.composition)  # stage-2 knobs (composition.extra) fail before model loading
     if args.validate_only:
         logger.info("configuration is valid")
         return RunResult(Path(config.run.output))

@@ -37,6 +37,17 @@ def vae_downsampling(models: Models) -> int:
     return 2 ** (len(models.vae.config.block_out_channels) - 1)
 
 
+def face_analyzer_factory(config: TrainConfig) -> Callable[[], object]:
+    """Builds the face analyser on first need only (the trainer loads without face models)."""
+
+    def factory():
+        from adaface_core.face_analysis import FaceAnalyzer
+
+        return FaceAnalyzer.from_folder(config.models.face_pack, provider=config.models.face_provider)
+
+    return factory
+
+
 def build_face_space(config: TrainConfig, models: Models, accelerator, output: Path) -> FaceSpace:
     data = config.data
     images = None
@@ -45,12 +56,7 @@ def build_face_space(config: TrainConfig, models: Models, accelerator, output: P
             raise ConfigError("data.root is set but models.face_pack is not: the ArcFace vectors of the training "
                               "images need the face models (antelopev2 folder)")
         cache = Path(data.cache_file) if data.cache_file else output / "face_ids.safetensors"
-
-        def analyzer_factory():
-            from adaface_core.face_analysis import FaceAnalyzer  # lazy: the trainer loads without face models
-
-            return FaceAnalyzer.from_folder(config.models.face_pack, provider=config.models.face_provider)
-
+        analyzer_factory = face_analyzer_factory(config)
         # Process 0 computes (and caches) the vectors; the others then read the cache.
         if accelerator.is_main_process:
             images = load_face_images(Path(data.root), data.image_size, cache, analyzer_factory, output / "no_face.txt")

@@ -1,0 +1,120 @@
+"""Stage 2 (composition distillation) on tiny models: it learns what it is for on held-out draws, it does
+not undo stage 1 beyond the stated bound, it continues from stage 1, and photos without a mask get one."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from adaface_core.checkpoint import load_inverter
+from adaface_core.errors import ConfigError
+from adaface_core.tiny_face_models import tiny_face_photo, write_tiny_face_pack
+from test_trainer_loop import make_config, models_root, run_cli, write_config  # noqa: F401 (fixture)
+from trainer.compositions import load_composition_pool
+from trainer.config import StageConfig
+from trainer.data import FaceImages
+from trainer.face_masks import attach_detector_masks, ellipse_mask
+from trainer.loop import SimulatedCrash
+from trainer.stage_composition import composition_settings, split_pool
+
+
+def stage2_config(models_root, output, stage="composition", steps=12, face_steps=3):
+    values = make_config(models_root, output, max_steps=face_steps)
+    values["stage"] = stage
+    values["composition"] = {
+        "max_steps": steps,
+        # The paper's stage-2 optimizer (Prodigy, d_coef 0.5), smaller batches.
+        "optim": {"optimizer": "prodigy", "lr": 1.0, "d_coef": 0.5, "batch_size": 2, "grad_accum": 2},
+        "expansion": {"enabled": False},
+        "extra": {"heldout_size": 2, "heldout_batches": 2},
+    }
+    return values
+
+
+def test_stage2_lowers_heldout_delta_loss_and_keeps_face_loss_within_bound(models_root, tmp_path):
+    out = tmp_path / "run"
+    result = run_cli(write_config(tmp_path / "c.yaml", stage2_config(models_root, out)))
+    held = result.stages[-1].heldout
+    assert held["heldout_delta_after"] < 0.9 * held["heldout_delta_before"]
+    assert held["heldout_face_after"] <= held["face_loss_bound"] * held["heldout_face_before"]
+    assert held["face_within_bound"] is True
+    # Both numbers are logged for the user: JSON summary and a CSV row at the start and the end.
+    assert json.loads((out / "composition" / "heldout.json").read_text()) == pytest.approx(held)
+    rows = (out / "composition" / "heldout.csv").read_text().splitlines()
+    assert rows[0] == "step,heldout_delta,heldout_face" and rows[1].startswith("0,") and rows[2].startswith("12,")
+
+
+def test_stage_both_continues_from_stage1_result(models_root, tmp_path):
+    out = tmp_path / "both"
+    # Stage 1 expands the inverter at step 2 (of 3); stage 2 never expands, so an expanded stage-2
+    # inverter can only have come from stage 1's result.
+    values = stage2_config(models_root, out, stage="both", steps=2, face_steps=3)
+    values["face"]["expansion"] = {"factors": [[2, 1, 1]], "forced_steps": [2]}
+    result = run_cli(write_config(tmp_path / "c.yaml", values))
+    assert [s.stage for s in result.stages] == ["face", "composition"]
+    face, comp = load_inverter(out / "face" / "adaface_inverter.safetensors"), load_inverter(out / "composition" / "adaface_inverter.safetensors")
+    assert face.config.attention_multipliers == comp.config.attention_multipliers == [2, 1, 1]
+    changed = [not torch.equal(a, b) for a, b in zip(face.state_dict().values(), comp.state_dict().values())]
+    assert any(changed)  # and stage 2 trained it further
+
+
+def test_resumed_stage2_compares_with_the_stage_start(models_root, tmp_path):
+    out = tmp_path / "run"
+    config = write_config(tmp_path / "c.yaml", stage2_config(models_root, out, steps=6))
+    with pytest.raises(SimulatedCrash):
+        run_cli(config, "--crash-at-step", "4")
+    start = (out / "composition" / "heldout.csv").read_text().splitlines()[1]
+    held = run_cli(config, "--resume", str(out)).stages[-1].heldout
+    rows = (out / "composition" / "heldout.csv").read_text().splitlines()
+    assert rows[1] == start and rows[2].startswith("6,") and len(rows) == 3
+    assert f"{held['heldout_delta_before']:.6g}" == start.split(",")[1]
+
+
+def test_heldout_compositions_never_trained_and_settings_checked():
+    pool, held = split_pool(load_composition_pool(), 8)
+    assert len(held) == 8 and not set(held.entries) & set(pool.entries)
+    settings = composition_settings(StageConfig(extra={"capture_layers": ["all"], "weights": {"face_preserve": 0.5}}))
+    assert settings.layers == "all" and settings.weights.face_preserve == 0.5
+    with pytest.raises(ConfigError, match="unknown key"):
+        composition_settings(StageConfig(extra={"class_wrd": "woman"}))
+
+
+def test_photo_without_mask_gets_detector_ellipse(tmp_path):
+    pack = write_tiny_face_pack(tmp_path / "pack", layout="buffalo_s", with_extras=False)
+    root = tmp_path / "faces"
+    root.mkdir()
+    Image.fromarray(tiny_face_photo(320)).save(root / "plain.png")
+    Image.fromarray(tiny_face_photo(320)).save(root / "masked.png")
+    own = np.zeros((320, 320), np.uint8)
+    own[:40, :40] = 255
+    Image.fromarray(own).save(root / "masked_mask.png")
+    images = FaceImages(root, [root / "plain.png", root / "masked.png"], torch.zeros(2, 512), image_size=64)
+
+    def analyzer():
+        from adaface_core.face_analysis import FaceAnalyzer
+
+        return FaceAnalyzer.from_folder(pack, provider="cpu")
+
+    assert attach_detector_masks(images, analyzer, tmp_path / "boxes.json") == 1
+    _, mask = images.load(0)
+    (box,) = [v["bbox"] for v in json.loads((tmp_path / "boxes.json").read_text()).values()]
+    cx, cy = [int((box[i] + box[i + 2]) / 2 * 64 / 320) for i in (0, 1)]  # the photo is 320 px, the mask 64
+    assert mask[0, cy, cx] == 1 and mask[0, 63, 63] == 0 and 0.02 < float(mask.mean()) < 0.9
+    _, own_mask = images.load(1)  # a mask file always wins
+    assert own_mask[0, 0, 0] == 1 and own_mask[0, 40, 40] == 0
+
+    def no_detector():
+        raise AssertionError("the cached detection must be reused")
+
+    again = FaceImages(root, list(images.paths), images.id_vectors, image_size=64)
+    assert attach_detector_masks(again, no_detector, tmp_path / "boxes.json") == 1
+    assert torch.equal(again.load(0)[1], mask)
+
+
+def test_ellipse_grows_to_hold_every_keypoint():
+    kps = np.array([[5.0, 50.0], [95.0, 50.0], [50.0, 50.0], [40.0, 70.0], [60.0, 70.0]])
+    inside = ellipse_mask([30, 30, 70, 70], kps, 100, 100)
+    assert all(inside[int(y), int(x)] for x, y in kps)
+    assert not inside[0, 0] and inside[50, 50]

@@ -1,0 +1,77 @@
+"""Face masks for photos that have no ``<name>_mask.png``: an ellipse from the detector's box and keypoints.
+
+Why: the elastic face-preserving loss (stage 2) needs to know where the face is. Parsing masks (BiSeNet)
+are best; where a photo has none, the face box holds the face, and the five keypoints (eyes, nose, mouth
+corners) must lie inside whatever we call the face, so the ellipse is widened until they do.
+Detections are cached in ``<output>/face_boxes.json`` (keyed like the ArcFace cache) so a restart does not
+run the detector again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+
+from .data import FaceImages, image_key, mask_path
+
+logger = logging.getLogger(__name__)
+
+
+def ellipse_mask(bbox: Sequence[float], kps: Optional[np.ndarray], width: int, height: int) -> np.ndarray:
+    """``[height, width]`` bool: the ellipse inscribed in ``bbox`` (x1, y1, x2, y2), grown to hold every keypoint."""
+    x1, y1, x2, y2 = (float(v) for v in bbox)
+    cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+    rx, ry = max((x2 - x1) / 2, 1.0), max((y2 - y1) / 2, 1.0)
+    if kps is not None and len(kps):
+        # The farthest keypoint in ellipse units; scale both radii so it sits on the boundary (plus a margin).
+        reach = float(np.sqrt((((kps[:, 0] - cx) / rx) ** 2 + ((kps[:, 1] - cy) / ry) ** 2).max()))
+        if reach > 1.0:
+            rx, ry = rx * reach * 1.05, ry * reach * 1.05
+    yy, xx = np.mgrid[:height, :width]
+    return ((xx + 0.5 - cx) / rx) ** 2 + ((yy + 0.5 - cy) / ry) ** 2 <= 1.0
+
+
+def _detect(path: Path, root: Path, analyzer) -> Optional[dict]:
+    from adaface_core.errors import NoFaceError
+
+    try:
+        face = analyzer.analyze(str(path), name=str(path.relative_to(root)))
+    except NoFaceError:
+        return None
+    return {"bbox": [float(v) for v in face.bbox], "kps": np.asarray(face.kps, dtype=float).tolist()}
+
+
+def attach_detector_masks(images: FaceImages, analyzer_factory: Callable[[], object], cache_file: Path) -> int:
+    """Gives every photo without a mask file a box-and-keypoint ellipse mask (``images.fallback_masks``).
+
+    Returns how many photos got one. ``analyzer_factory()`` is called only if some photo is not cached.
+    """
+    from PIL import Image
+
+    cache: dict = json.loads(cache_file.read_text(encoding="utf-8")) if cache_file.is_file() else {}
+    analyzer, changed, masks = None, False, {}
+    for index, path in enumerate(images.paths):
+        if mask_path(path).is_file():
+            continue
+        key = image_key(images.root, path)
+        if key not in cache:
+            analyzer = analyzer or analyzer_factory()
+            cache[key] = _detect(path, images.root, analyzer)
+            changed = True
+        if cache[key] is None:
+            continue
+        with Image.open(path) as img:
+            width, height = img.size
+        inside = ellipse_mask(cache[key]["bbox"], np.asarray(cache[key]["kps"]), width, height)
+        masks[index] = Image.fromarray((inside * 255).astype(np.uint8))
+    if changed:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        cache_file.write_text(json.dumps(cache), encoding="utf-8")
+    images.fallback_masks = {i: images.square_mask(m) for i, m in masks.items()}
+    logger.info("%d photo(s) without a mask file use a detector-box mask", len(masks))
+    return len(masks)
+

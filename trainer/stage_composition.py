@@ -1,0 +1,197 @@
+"""Stage 2, composition distillation (paper §2.3-2.4): the stage plug-in the training loop runs.
+
+Per sample, four prompt instances share one noisy latent and timestep: subject-single ("a photo of z"),
+subject-composition ("a photo of z <composition>"), class-single ("a photo of a person") and
+class-composition; one batched UNet pass over the 4B instances feeds the compositional delta loss and
+the elastic face-preserving loss (``losses_composition.composition_step``). The latent is the photo's
+VAE latent, or for a random ID the teacher's one-step estimate from the sample's noise (as in stage 1),
+noised to a mid-to-high t with that same noise.
+
+Held-out check (``evaluate``): fixed random IDs, compositions removed from the training pool, fixed
+noises and timesteps. It measures the delta loss (what stage 2 trains) and the stage-1 face-distillation
+loss (measured, never trained here), so a run shows whether composition gains cost face fidelity.
+
+Settings come from the stage section's ``extra:`` mapping (``CompositionSettings``), unknown keys refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+
+from .compositions import CompositionPool, PromptQuad, aligned_token_index, load_composition_pool, sample_prompts, with_article
+from .config import StageConfig, TrainConfig, section_from_mapping
+from .data import downsample_mask
+from .face_masks import attach_detector_masks
+from .face_space import FaceBatch, FaceSpace
+from .loop import heldout_loss
+from .losses_composition import CompositionLossWeights, composition_step
+from .losses_face import FaceDistillationLoss, FaceStage
+from .models import Models
+from .stages import build_face_space, face_analyzer_factory, vae_downsampling
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class CompositionSettings:
+    """Stage-2 knobs (``composition.extra`` in the YAML)."""
+
+    class_word: str = "person"
+    """Class word of the class prompts ('a photo of a person')."""
+    template: str = "a photo of {subject}"
+    composition_files: list[str] = field(default_factory=list)
+    """Extra composition pools (``trainer/data/compositions.txt`` format), merged with the packaged one."""
+    capture_layers: list[str] = field(default_factory=lambda: ["up_blocks.3"])
+    """UNet cross-attention layers whose features enter the losses: prefixes, or ["all"] (the paper)."""
+    t_range: tuple[float, float] = (0.5, 0.9)
+    """Timestep, as a fraction of T, uniform in this range (mid to high: the layout is still being decided)."""
+    weights: CompositionLossWeights = field(default_factory=CompositionLossWeights)
+    heldout_compositions: int = 8
+    """Compositions taken out of the training pool for the held-out check."""
+    heldout_size: int = 4
+    heldout_batches: int = 2
+    heldout_seed: int = 4321
+    face_loss_bound: float = 1.5
+    """Held-out face loss after stage 2 may be at most this times the loss before (warned, and reported)."""
+
+    @property
+    def layers(self) -> Union[str, list[str]]:
+        return "all" if self.capture_layers == ["all"] else self.capture_layers
+
+
+def composition_settings(stage_config: StageConfig) -> CompositionSettings:
+    settings = section_from_mapping(CompositionSettings, stage_config.extra, "composition.extra")
+    if not 0.0 <= settings.t_range[0] <= settings.t_range[1] <= 1.0:
+        from adaface_core.errors import ConfigError
+
+        raise ConfigError(f"composition.extra.t_range must be a range inside [0, 1], got {settings.t_range}")
+    return settings
+
+
+def split_pool(pool: CompositionPool, heldout: int) -> tuple[CompositionPool, CompositionPool]:
+    """(training pool, held-out pool): every k-th entry is held out, so every category tends to be represented."""
+    entries = pool.entries
+    heldout = min(heldout, len(entries) - 1)
+    every = max(1, len(entries) // max(heldout, 1))
+    held = entries[::every][:heldout] if heldout > 0 else []
+    train = [e for e in entries if e not in set(held)]
+    return CompositionPool({"train": train}), CompositionPool({"heldout": held or train})
+
+
+@dataclass
+class CompositionBatch:
+    faces: FaceBatch
+    quads: list[PromptQuad]
+    noise: torch.Tensor
+    """``[B, 4, h, w]``: the initial noise, shared by the four instances of a sample."""
+    timesteps: torch.Tensor
+    """``[B]`` long."""
+
+
+class CompositionStage:
+    """Stage 2 as the loop sees it; ``evaluate(models)`` gives the held-out figures."""
+
+    name = "composition"
+
+    def __init__(self, face_space: FaceSpace, pool: CompositionPool, settings: CompositionSettings, placeholder: str,
+                 face_loss: FaceDistillationLoss, num_train_timesteps: int,
+                 weights: Optional[CompositionLossWeights] = None):
+        self.num_train_timesteps = num_train_timesteps
+        self.face_space = face_space
+        self.pool = pool
+        self.settings = settings
+        self.placeholder = placeholder
+        self.face_loss = face_loss
+        self.weights = weights or settings.weights
+        self.heldout: Optional[tuple[CompositionStage, FaceStage]] = None
+
+    def sample_batch(self, batch_size: int, generator: torch.Generator) -> CompositionBatch:
+        faces = self.face_space.sample(batch_size, generator)
+        quads = sample_prompts(self.pool, self.settings.class_word, batch_size, generator, self.placeholder,
+                               template=self.settings.template)
+        size = self.face_loss.latent_size
+        noise = torch.randn(batch_size, 4, size, size, generator=generator)
+        low, high = self.settings.t_range
+        t = ((low + (high - low) * torch.rand(batch_size, generator=generator)) * (self.num_train_timesteps - 1)).round().long()
+        return CompositionBatch(faces, quads, noise, t)
+
+    def token_index(self, models: Models, quad: PromptQuad, subject_len: int) -> torch.Tensor:
+        """Positions that correspond across the four prompts (the subject's N tokens vs 'a <class>')."""
+        ids = models.prompt_ids([quad.subject_single])[0].tolist()
+        start = ids.index(models.placeholder_id(self.placeholder))
+        class_len = len(models.tokenizer(with_article(self.settings.class_word), add_special_tokens=False)["input_ids"])
+        return aligned_token_index(start, subject_len, class_len)
+
+    @torch.no_grad()
+    def start_latents(self, models: Models, batch: CompositionBatch, teacher_ctx: torch.Tensor):
+        """(noisy latents ``[B, 4, h, w]``, latent-resolution face masks ``[B, 1, h, w]``)."""
+        faces, device, size = batch.faces, models.device, self.face_loss.latent_size
+        b = batch.noise.shape[0]
+        noise = batch.noise.to(device)
+        t_top = torch.full((b,), models.num_train_timesteps - 1, dtype=torch.long, device=device)
+        ones = torch.ones(b, device=device)
+        x0 = self.face_loss.x0(models, noise, self.face_loss.teacher_eps(models, noise, t_top, teacher_ctx, ones), t_top)
+        masks = torch.ones(b, 1, size, size, device=device)
+        if faces.pixels is not None and bool(faces.has_image.any()):
+            rows = faces.has_image.nonzero().flatten()
+            x0[rows.to(device)] = models.encode_images(faces.pixels[rows]).to(x0)
+            masks[rows.to(device)] = downsample_mask(faces.masks[rows], (size, size)).to(device)
+        return self.face_loss.noisy(models, x0, noise, batch.timesteps.to(device)), masks
+
+    def loss(self, models: Models, batch: CompositionBatch, generator: torch.Generator):
+        device, dtype = models.device, models.frozen_dtype
+        quads = batch.quads
+        with torch.no_grad():
+            enc = models.id_encoder(batch.faces.id_vectors.to(device, dtype))
+            x_t, masks = self.start_latents(models, batch, enc.prompt_embeds.detach())
+            class_embeds = models.encode_prompts([q.class_single for q in quads] + [q.class_comp for q in quads])
+        subject = models.inverter(enc.id_tokens.detach().float())
+        subject_embeds = models.encode_with_subject([q.subject_single for q in quads] + [q.subject_comp for q in quads],
+                                                    self.placeholder, torch.cat([subject, subject]))
+        prompt_embeds = torch.cat([subject_embeds, class_embeds.to(subject_embeds)]).to(dtype)
+        out = composition_step(models.unet, x_t.to(dtype), batch.timesteps.to(device), prompt_embeds, masks,
+                               self.settings.layers, self.weights, self.token_index(models, quads[0], subject.shape[1]))
+        return out["loss"].float(), {k: float(v.detach()) for k, v in out.items() if k != "loss"}
+
+    def evaluate(self, models: Models) -> dict[str, float]:
+        """Held-out delta loss (trained) and stage-1 face-distillation loss (measured only), fixed draws."""
+        if self.heldout is None:
+            raise RuntimeError("no held-out set was built for this stage")
+        delta_stage, face_stage = self.heldout
+        s = self.settings
+        return {
+            "heldout_delta": heldout_loss(delta_stage, models, s.heldout_batches, s.heldout_size, s.heldout_seed),
+            "heldout_face": heldout_loss(face_stage, models, s.heldout_batches, s.heldout_size, s.heldout_seed),
+        }
+
+
+def build_stage(config: TrainConfig, stage_config: StageConfig, models: Models, accelerator, output: Path) -> CompositionStage:
+    settings = composition_settings(stage_config)
+    face_space = build_face_space(config, models, accelerator, output)
+    if face_space.images is not None and config.models.face_pack:
+        boxes = output / "face_boxes.json"
+        if accelerator.is_main_process:  # process 0 runs the detector and caches; the others read the cache
+            attach_detector_masks(face_space.images, face_analyzer_factory(config), boxes)
+        accelerator.wait_for_everyone()
+        if not accelerator.is_main_process:
+            attach_detector_masks(face_space.images, face_analyzer_factory(config), boxes)
+    pool, heldout_pool = split_pool(load_composition_pool(settings.composition_files), settings.heldout_compositions)
+    latent = config.data.image_size // vae_downsampling(models)
+    face_loss = FaceDistillationLoss(config.face.loss, latent)
+    placeholder = stage_config.loss.placeholder
+    T = models.num_train_timesteps
+    stage = CompositionStage(face_space, pool, settings, placeholder, face_loss, T)
+    # Held out: random IDs only (never a training photo), the held-out compositions, delta terms only.
+    heldout_ids = FaceSpace(None, models.id_dim, 1.0, 0.0, seed=settings.heldout_seed)
+    delta_only = dataclasses.replace(settings.weights, face_preserve=0.0)
+    stage.heldout = (CompositionStage(heldout_ids, heldout_pool, settings, placeholder, face_loss, T, delta_only),
+                     FaceStage(heldout_ids, face_loss))
+    logger.info("composition stage: %d training / %d held-out compositions, layers %s, t in %s·T",
+                len(pool), len(heldout_pool), settings.layers, settings.t_range)
+    return stage
