@@ -2,6 +2,7 @@
 not undo stage 1 beyond the stated bound, it continues from stage 1, and photos without a mask get one."""
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -11,13 +12,16 @@ from PIL import Image
 from adaface_core.checkpoint import load_inverter
 from adaface_core.errors import ConfigError
 from adaface_core.tiny_face_models import tiny_face_photo, write_tiny_face_pack
+from adaface_core.tokenizer import load_clip_tokenizer
 from test_trainer_loop import make_config, models_root, run_cli, write_config  # noqa: F401 (fixture)
-from trainer.compositions import load_composition_pool
+from trainer.compositions import build_prompts, load_composition_pool, sample_prompts
 from trainer.config import StageConfig
 from trainer.data import FaceImages
+from trainer.face_space import FaceSpace
 from trainer.face_masks import attach_detector_masks, ellipse_mask
 from trainer.loop import SimulatedCrash
-from trainer.stage_composition import composition_settings, split_pool
+from trainer.models import Models
+from trainer.stage_composition import CompositionStage, composition_settings, split_pool
 
 
 def stage2_config(models_root, output, stage="composition", steps=12, face_steps=3):
@@ -118,3 +122,49 @@ def test_ellipse_grows_to_hold_every_keypoint():
     inside = ellipse_mask([30, 30, 70, 70], kps, 100, 100)
     assert all(inside[int(y), int(x)] for x, y in kps)
     assert not inside[0, 0] and inside[50, 50]
+
+
+def test_class_word_comes_from_the_subjects_class_txt(tmp_path):
+    root = tmp_path / "faces"
+    (root / "anna" / "2019").mkdir(parents=True)
+    (root / "bob").mkdir()
+    (root / "anna" / "class.txt").write_text("\nwoman\n", encoding="utf-8")
+    paths = [root / "anna" / "2019" / "a.png", root / "bob" / "b.png"]
+    for path in paths:
+        Image.fromarray(tiny_face_photo(64)).save(path)
+    images = FaceImages(root, paths, torch.nn.functional.normalize(torch.randn(2, 8), dim=-1), image_size=32)
+
+    assert images.class_word(0) == "woman"  # found in a parent folder
+    assert images.class_word(1) is None  # no metadata: the configured default applies
+    faces = FaceSpace(images, 8, random_id_prob=0.0, id_noise_std=0.0).sample(6, torch.Generator().manual_seed(0))
+    assert set(faces.class_words) == {"woman", None}
+    quads = sample_prompts(load_composition_pool(), faces.class_words, rng=torch.Generator().manual_seed(0),
+                           default_class_word="person")
+    for word, quad in zip(faces.class_words, quads):
+        assert quad.class_single == f"a photo of a {word or 'person'}"
+
+
+def test_each_sample_aligns_its_own_class_word(tiny_models):
+    """With class words of different token lengths in one batch, the aligned positions still pair the
+    template, composition words and padding of the subject and class prompts, sample by sample."""
+    tokenizer = load_clip_tokenizer(tiny_models.tokenizer)
+    models = SimpleNamespace(tokenizer=tokenizer, device="cpu")
+    models.prompt_ids = lambda prompts: Models.prompt_ids(models, prompts)
+    models.placeholder_id = lambda word: Models.placeholder_id(models, word)
+    quads = [build_prompts("riding a horse on the beach", "woman"), build_prompts("riding a horse on the beach", "old bearded man")]
+    stage = CompositionStage.__new__(CompositionStage)
+    stage.placeholder = "z"
+    n = 16
+    index = stage.token_index(models, quads, subject_len=n)
+    assert index.shape[:2] == (2, 4)
+
+    z = models.placeholder_id("z")
+    for b, quad in enumerate(quads):
+        subject_ids = models.prompt_ids([quad.subject_comp])[0].tolist()
+        at = subject_ids.index(z)
+        spliced = (subject_ids[:at] + [-1] * n + subject_ids[at + 1 :])[:77]  # the N subject tokens in place of z
+        class_ids = models.prompt_ids([quad.class_comp])[0]
+        subject_side = torch.tensor(spliced)[index[b, 1]]
+        class_side = class_ids[index[b, 3]]
+        assert torch.equal(subject_side, class_side)
+        assert not (subject_side == -1).any()

@@ -27,6 +27,8 @@ logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 MASK_SUFFIX = "_mask.png"
+CLASS_FILE = "class.txt"
+"""Subject metadata: a folder's class word ('man', 'woman', 'girl'...) for stage 2's class prompts."""
 
 
 def scan_images(root: Path) -> list[Path]:
@@ -130,9 +132,20 @@ class FaceImages:
     image_size: int
     fallback_masks: dict[int, torch.Tensor] = field(default_factory=dict)
     """Masks for photos without a mask file (stage 2: from the detector, ``face_masks``); else all ones."""
+    _class_words: dict[Path, Optional[str]] = field(default_factory=dict, repr=False)
 
     def __len__(self) -> int:
         return len(self.paths)
+
+    def class_word(self, index: int) -> Optional[str]:
+        """The subject's class word: the first line of the nearest ``class.txt`` from the photo's folder up to the root."""
+        folder = self.paths[index].parent
+        while True:
+            if folder not in self._class_words:
+                self._class_words[folder] = _read_class_word(folder / CLASS_FILE)
+            if self._class_words[folder] or folder == self.root or folder == folder.parent:
+                return self._class_words[folder]
+            folder = folder.parent
 
     def square_mask(self, mask: Image.Image) -> torch.Tensor:
         """A full-photo mask cropped and resized like the photo: ``[1, S, S]`` in {0, 1}."""
@@ -153,6 +166,13 @@ class FaceImages:
         else:
             mask = self.fallback_masks.get(index, torch.ones(1, size, size))
         return pixels, mask
+
+
+def _read_class_word(file: Path) -> Optional[str]:
+    if not file.is_file():
+        return None
+    lines = [line.strip() for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return lines[0] if lines else None
 
 
 def _center_square(img: Image.Image) -> Image.Image:

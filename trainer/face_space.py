@@ -29,6 +29,8 @@ class FaceBatch:
     """``[B, 3, S, S]`` in [-1, 1] (zeros where ``has_image`` is False); None when no row has a photo."""
     masks: Optional[torch.Tensor] = None
     """``[B, 1, S, S]`` face masks (ones where no mask file or no photo)."""
+    class_words: Optional[list[Optional[str]]] = None
+    """Per row, the photo's class word from ``class.txt`` (None: random ID or no metadata)."""
 
 
 def id_projection(in_dim: int, out_dim: int, seed: int) -> torch.Tensor:
@@ -72,4 +74,5 @@ class FaceSpace:
         for row in range(batch_size):
             if not is_random[row]:
                 pixels[row], masks[row] = self.images.load(int(index[row]))
-        return FaceBatch(ids, ~is_random, pixels, masks)
+        words = [None if is_random[row] else self.images.class_word(int(index[row])) for row in range(batch_size)]
+        return FaceBatch(ids, ~is_random, pixels, masks, words)

@@ -158,10 +158,15 @@ def _split4(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, 
 
 
 def _align_tokens(quad: Sequence[torch.Tensor], token_index: Optional[torch.Tensor], dim: int) -> list[torch.Tensor]:
-    """Pick, per instance kind, the token positions that correspond across the four prompts."""
+    """Pick, per instance kind (and per sample for a ``[B, 4, K]`` index), the positions that correspond."""
     if token_index is None:
         return list(quad)
-    return [x.index_select(dim, token_index[k].to(x.device)) for k, x in enumerate(quad)]
+    if token_index.ndim == 2:
+        return [x.index_select(dim, token_index[k].to(x.device)) for k, x in enumerate(quad)]
+    return [
+        torch.stack([x[b].index_select(dim - 1, token_index[b, k].to(x.device)) for b in range(x.shape[0])])
+        for k, x in enumerate(quad)
+    ]
 
 
 def composition_step(
@@ -183,8 +188,9 @@ def composition_step(
       class-single, class-composition (the subject blocks carry the inverter's gradient).
     - ``face_masks`` ``[B, 1, H, W]`` at latent or image resolution; None skips the face-preserving loss.
     - ``token_index`` ``[4, K]`` (long): for each kind, the K token positions that correspond across the
-      four prompts (``trainer.compositions.aligned_token_index``); used for the attention maps' token
-      axis and the prompt embeddings' sequence axis. None compares all positions as they are.
+      four prompts (``trainer.compositions.aligned_token_index``), or ``[B, 4, K]`` when the samples' class
+      words differ in length; used for the attention maps' token axis and the prompt embeddings'
+      sequence axis. None compares all positions as they are.
     Returns ``{"delta_attn_out", "delta_attn_map", "delta_prompt", "delta", "face_preserve", "loss"}``
     (terms with weight 0 are absent).
     """

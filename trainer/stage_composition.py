@@ -24,7 +24,7 @@ from typing import Optional, Union
 
 import torch
 
-from .compositions import CompositionPool, PromptQuad, aligned_token_index, load_composition_pool, sample_prompts, with_article
+from .compositions import CompositionPool, PromptQuad, aligned_token_index, load_composition_pool, sample_prompts
 from .config import StageConfig, TrainConfig, section_from_mapping
 from .data import downsample_mask
 from .face_masks import attach_detector_masks
@@ -43,7 +43,7 @@ class CompositionSettings:
     """Stage-2 knobs (``composition.extra`` in the YAML)."""
 
     class_word: str = "person"
-    """Class word of the class prompts ('a photo of a person')."""
+    """Class word of the class prompts ('a photo of a person') where a photo's folder has no ``class.txt``."""
     template: str = "a photo of {subject}"
     composition_files: list[str] = field(default_factory=list)
     """Extra composition pools (``trainer/data/compositions.txt`` format), merged with the packaged one."""
@@ -113,20 +113,23 @@ class CompositionStage:
 
     def sample_batch(self, batch_size: int, generator: torch.Generator) -> CompositionBatch:
         faces = self.face_space.sample(batch_size, generator)
-        quads = sample_prompts(self.pool, self.settings.class_word, batch_size, generator, self.placeholder,
-                               template=self.settings.template)
+        quads = sample_prompts(self.pool, faces.class_words, batch_size, generator, self.placeholder,
+                               default_class_word=self.settings.class_word, template=self.settings.template)
         size = self.face_loss.latent_size
         noise = torch.randn(batch_size, 4, size, size, generator=generator)
         low, high = self.settings.t_range
         t = ((low + (high - low) * torch.rand(batch_size, generator=generator)) * (self.num_train_timesteps - 1)).round().long()
         return CompositionBatch(faces, quads, noise, t)
 
-    def token_index(self, models: Models, quad: PromptQuad, subject_len: int) -> torch.Tensor:
-        """Positions that correspond across the four prompts (the subject's N tokens vs 'a <class>')."""
-        ids = models.prompt_ids([quad.subject_single])[0].tolist()
+    def token_index(self, models: Models, quads: list[PromptQuad], subject_len: int) -> torch.Tensor:
+        """``[B, 4, K]`` positions that correspond across each sample's four prompts (N subject tokens vs 'a <class>')."""
+        ids = models.prompt_ids([quads[0].subject_single])[0].tolist()
         start = ids.index(models.placeholder_id(self.placeholder))
-        class_len = len(models.tokenizer(with_article(self.settings.class_word), add_special_tokens=False)["input_ids"])
-        return aligned_token_index(start, subject_len, class_len)
+        lengths = [len(models.tokenizer(q.class_single, add_special_tokens=False)["input_ids"])
+                   - len(models.tokenizer(q.subject_single, add_special_tokens=False)["input_ids"]) + 1 for q in quads]
+        rows = [aligned_token_index(start, subject_len, class_len) for class_len in lengths]
+        k = min(row.shape[1] for row in rows)
+        return torch.stack([row[:, :k] for row in rows])
 
     @torch.no_grad()
     def start_latents(self, models: Models, batch: CompositionBatch, teacher_ctx: torch.Tensor):
@@ -156,7 +159,7 @@ class CompositionStage:
                                                     self.placeholder, torch.cat([subject, subject]))
         prompt_embeds = torch.cat([subject_embeds, class_embeds.to(subject_embeds)]).to(dtype)
         out = composition_step(models.unet, x_t.to(dtype), batch.timesteps.to(device), prompt_embeds, masks,
-                               self.settings.layers, self.weights, self.token_index(models, quads[0], subject.shape[1]))
+                               self.settings.layers, self.weights, self.token_index(models, quads, subject.shape[1]))
         return out["loss"].float(), {k: float(v.detach()) for k, v in out.items() if k != "loss"}
 
     def evaluate(self, models: Models) -> dict[str, float]:
