@@ -1,0 +1,222 @@
+"""Shared benchmark plumbing: argument parsing, timing with warm-up and device sync, peak memory,
+an environment record, the full-size SD1.5 / CLIP-L specs, and a JSON + table report.
+
+Why one helper: every figure in BENCHMARKS.md must be produced the same way (warm-up, repeats,
+median and min-max, synchronised clocks) so the rows can be compared and re-run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # scripts run as `python bench/x.py` from the repository root
+    sys.path.insert(0, str(REPO))
+
+from adaface_core.tiny_models import TinySpec, unet_config  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+# runwayml/stable-diffusion-v1-5 unet/config.json, architecture fields only (weights are random).
+SD15_UNET = {
+    "sample_size": 64,
+    "in_channels": 4,
+    "out_channels": 4,
+    "block_out_channels": [320, 640, 1280, 1280],
+    "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+    "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+    "layers_per_block": 2,
+    "cross_attention_dim": 768,
+    "attention_head_dim": 8,
+    "norm_num_groups": 32,
+}
+# CLIP-L text encoder (SD1.5's, Arc2Face's encoder and the inverter all share it); UNet widths are SD1.5's.
+FULL_SPEC = TinySpec(hidden_size=768, num_layers=12, num_heads=12, unet_channels=(320, 640, 1280, 1280))
+TINY_SPEC = TinySpec()
+
+
+def spec_for(tiny: bool) -> TinySpec:
+    return TINY_SPEC if tiny else FULL_SPEC
+
+
+def unet_config_for(tiny: bool) -> dict:
+    return unet_config(TINY_SPEC) if tiny else dict(SD15_UNET)
+
+
+def random_unet(tiny: bool, seed: int = 0) -> torch.nn.Module:
+    """A UNet2DConditionModel of SD1.5's architecture (or the tiny test one) with random weights."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.set_verbosity_error()  # its dtype-cast advice does not apply to random weights
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(**unet_config_for(tiny))
+
+
+def base_parser(description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
+    parser.add_argument("--tiny", action="store_true", help="tiny random models: a fast check that the script runs")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    return parser
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_gib(device: torch.device) -> Optional[float]:
+    """Peak allocated memory since ``reset_peak`` (CUDA only; None on CPU, where it is not tracked)."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated(device) / 2**30
+
+
+@dataclass
+class Timing:
+    samples_ms: list[float] = field(default_factory=list)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.samples_ms)
+
+    @property
+    def min(self) -> float:
+        return min(self.samples_ms)
+
+    @property
+    def max(self) -> float:
+        return max(self.samples_ms)
+
+    def summary(self) -> dict[str, Any]:
+        return {"median_ms": round(self.median, 3), "min_ms": round(self.min, 3), "max_ms": round(self.max, 3),
+                "repeats": len(self.samples_ms), "samples_ms": [round(x, 3) for x in self.samples_ms]}
+
+    def text(self) -> str:
+        return f"{self.median:.2f} ms (min {self.min:.2f}, max {self.max:.2f}, n={len(self.samples_ms)})"
+
+
+def time_once(fn: Callable[[], Any], device: torch.device) -> float:
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return (time.perf_counter() - start) * 1000.0
+
+
+def time_interleaved(fns: dict[str, Callable[[], Any]], device: torch.device, warmup: int, repeats: int) -> dict[str, Timing]:
+    """Times several variants side by side: each repeat runs every variant once, in a rotating order,
+    so drift (clocks, thermal, other load) hits all variants alike and their ratio is fair."""
+    names = list(fns)
+    for _ in range(warmup):
+        for name in names:
+            fns[name]()
+    timings = {name: Timing() for name in names}
+    for r in range(repeats):
+        order = names[r % len(names):] + names[: r % len(names)]
+        for name in order:
+            timings[name].samples_ms.append(time_once(fns[name], device))
+    return timings
+
+
+def time_fn(fn: Callable[[], Any], device: torch.device, warmup: int, repeats: int) -> Timing:
+    return time_interleaved({"x": fn}, device, warmup, repeats)["x"]
+
+
+def ratio_text(a: Timing, b: Timing) -> str:
+    """``a`` relative to ``b`` as a percentage overhead, from the medians."""
+    return f"{(a.median / b.median - 1) * 100:+.1f} %"
+
+
+def _version(name: str) -> Optional[str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+
+
+def _git_commit() -> Optional[str]:
+    head = REPO / ".git" / "HEAD"
+    if not head.is_file():
+        return None
+    ref = head.read_text().strip()
+    if not ref.startswith("ref: "):
+        return ref
+    target = REPO / ".git" / ref[5:]
+    return target.read_text().strip() if target.is_file() else None
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    """What the figures were measured on: enough to tell whether two reports are comparable."""
+    env: dict[str, Any] = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": __import__("os").cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "commit": _git_commit(),
+        "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+    }
+    for pkg in ("torch", "diffusers", "transformers", "onnxruntime", "onnxruntime-gpu", "insightface", "accelerate"):
+        env[pkg] = _version(pkg)
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+        env["cuda"] = torch.version.cuda
+    return env
+
+
+def report(name: str, args: argparse.Namespace, device: torch.device, rows: Sequence[tuple[str, str]],
+           results: dict[str, Any]) -> dict[str, Any]:
+    """Prints a two-column table and writes the JSON record (environment, arguments, results)."""
+    record = {"benchmark": name, "command": "python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
+              "args": {k: str(v) for k, v in vars(args).items()}, "environment": environment(device),
+              "results": results}
+    width = max(len(label) for label, _ in rows) if rows else 0
+    print(f"== {name} on {device} ({args.dtype}{', tiny' if getattr(args, 'tiny', False) else ''})")
+    for label, value in rows:
+        print(f"  {label.ljust(width)}  {value}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(record, indent=2), encoding="utf-8")
+    return record
+
+
+def resolve(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda given but no CUDA device is available")
+    return device, DTYPES[args.dtype]
+
+
+def encode_chunk(text_model, chunk: Sequence[tuple]) -> torch.Tensor:
+    """``[1, 77, H]``: one ComfyUI-shaped token chunk through the text encoder, tensor entries spliced in
+    as input embeddings (how ComfyUI's SD1 CLIP consumes injected subject tokens)."""
+    table = text_model.embeddings.token_embedding.weight
+    ids = torch.tensor([0 if isinstance(e[0], torch.Tensor) else int(e[0]) for e in chunk], device=table.device)
+    rows = table[ids].clone()
+    for i, entry in enumerate(chunk):
+        if isinstance(entry[0], torch.Tensor):
+            rows[i] = entry[0].reshape(-1).to(rows)
+    return text_model(token_embeds=rows.unsqueeze(0)).last_hidden_state

@@ -1,0 +1,136 @@
+"""Training-step time, model FLOPs, MFU and peak memory of stage 1 (face distillation) and stage 2
+(composition distillation), at full SD1.5 / CLIP-L sizes with random weights.
+
+The step is the trainer's own ``Trainer.train_step`` (sample a batch, the stage's loss, backward, clip,
+optimizer step) on the stage its registry builds, so a change in the trainer shows up here. Random IDs
+only (no photos, no VAE): the teacher makes its own starting latents, as stage 1 does for 40 % of IDs.
+FLOPs are what ``torch.utils.flop_counter`` counts in one step (with gradient checkpointing that
+includes the recomputed forward); MFU = FLOPs / median step time / --peak-tflops.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (base_parser, peak_gib, random_unet, report, reset_peak, resolve, spec_for,  # noqa: E402
+                    time_fn)
+
+from adaface_core.arc2face import Arc2FaceEncoder  # noqa: E402
+from adaface_core.tiny_models import SD15_SCHEDULER, random_clip_text, write_tokenizer  # noqa: E402
+from adaface_core.tokenizer import load_clip_tokenizer  # noqa: E402
+from trainer.config import OptimConfig, StageConfig, TrainConfig  # noqa: E402
+from trainer.loop import Trainer  # noqa: E402
+from trainer.models import Models, _frozen, build_inverter  # noqa: E402
+from trainer.run import make_accelerator  # noqa: E402
+from trainer.stages import get_stage_builder  # noqa: E402
+
+PAPER_STEPS = {"face": 240_000, "composition": 120_000}
+
+
+def build_random_models(config: TrainConfig, device: torch.device, tiny: bool, tmp: Path) -> Models:
+    """``trainer.models.Models`` with random full-size (or tiny) weights, built in memory (no model folders)."""
+    from diffusers import DDPMScheduler
+
+    spec = spec_for(tiny)
+    frozen = torch.bfloat16 if config.run.mixed_precision == "bf16" and device.type == "cuda" else torch.float32
+    tokenizer = load_clip_tokenizer(write_tokenizer(tmp / "tokenizer"))
+    text_encoder = random_clip_text(spec, seed_offset=1)
+    inverter = build_inverter(config, text_encoder)
+    return Models(
+        tokenizer=tokenizer,
+        text_encoder=_frozen(text_encoder, device, frozen),
+        unet=_frozen(random_unet(tiny, seed=2), device, frozen),
+        vae=None,
+        scheduler=DDPMScheduler.from_config({k: v for k, v in SD15_SCHEDULER.items() if not k.startswith("_")}),
+        teacher_unet=_frozen(random_unet(tiny, seed=4), device, frozen),
+        id_encoder=_frozen(Arc2FaceEncoder(random_clip_text(spec, seed_offset=3), tokenizer), device, frozen),
+        inverter=inverter.to(device),
+        device=device,
+        frozen_dtype=frozen,
+    )
+
+
+def bench_stage(name: str, args, device: torch.device, tmp: Path) -> dict:
+    config = TrainConfig()
+    config.run.device = "cpu" if device.type == "cpu" else "auto"
+    config.run.mixed_precision = "bf16" if args.dtype == "bf16" else "no"
+    config.data.image_size = 64 if args.tiny else 512  # latents 8 (tiny UNet) or 64 (SD1.5 at 512x512)
+    batch = args.batch or (4 if name == "face" else 3)
+    stage_config = StageConfig(optim=OptimConfig(optimizer=args.optimizer, batch_size=batch,
+                                                       grad_accum=args.grad_accum))
+    if name == "face":
+        config.face = stage_config
+    else:
+        config.composition = stage_config
+    accelerator = make_accelerator(config)
+    models = build_random_models(config, accelerator.device, args.tiny, tmp)
+    if args.gradient_checkpointing:
+        models.unet.enable_gradient_checkpointing()
+    stage = get_stage_builder(name)(config, stage_config, models, accelerator, tmp / name)
+    trainer = Trainer(stage, stage_config, models, accelerator, tmp / name, tensorboard=False, show_progress=False)
+
+    for _ in range(args.warmup):
+        trainer.train_step()
+    reset_peak(device)
+    timing = time_fn(trainer.train_step, device, 0, args.repeats)
+    peak = peak_gib(device)
+    with FlopCounterMode(display=False) as counter:
+        trainer.train_step()
+    flops = counter.get_total_flops()
+    seconds = timing.median / 1000
+    tflops = flops / seconds / 1e12
+    result = timing.summary() | {
+        "batch": batch, "grad_accum": args.grad_accum, "prompts_per_sample": 1 if name == "face" else 4,
+        "flops_per_step": flops,
+        "achieved_tflops": round(tflops, 3), "mfu_pct": round(100 * tflops / args.peak_tflops, 2),
+        "peak_gib": peak, "frozen_dtype": str(models.frozen_dtype), "mixed_precision": accelerator.mixed_precision,
+        "gradient_checkpointing": args.gradient_checkpointing, "optimizer": args.optimizer,
+        "paper_schedule_hours": round(PAPER_STEPS[name] * seconds / 3600, 1),
+    }
+    del trainer, models
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = base_parser("Stage-1 / stage-2 training step: time, FLOPs, MFU, peak memory.")
+    parser.add_argument("--stage", choices=["face", "composition", "both"], default="both")
+    parser.add_argument("--batch", type=int, help="batch size (default: 4 for stage 1, 3 for stage 2)")
+    parser.add_argument("--grad-accum", type=int, default=2,
+                        help="micro-batches per optimizer step (2, as trainer/configs/paper_both.yaml)")
+    parser.add_argument("--optimizer", default="prodigy", choices=["prodigy", "adamw"])
+    parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense peak of the dtype (H100 SXM bf16: 989)")
+    parser.set_defaults(warmup=2, repeats=5)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    device, _ = resolve(args)
+    stages = ["face", "composition"] if args.stage == "both" else [args.stage]
+    results, rows = {}, []
+    with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
+        for name in stages:
+            r = results[name] = bench_stage(name, args, device, Path(tmp))
+            peak = "n/a on CPU" if r["peak_gib"] is None else f"{r['peak_gib']:.2f} GiB"
+            rows.append((f"{name} step, batch {r['batch']} x {r['grad_accum']} micro-batches",
+                         f"{r['median_ms']:.1f} ms (min {r['min_ms']:.1f}, max {r['max_ms']:.1f}, n={r['repeats']})"))
+            rows.append((f"{name} FLOPs / TFLOP/s / MFU",
+                         f"{r['flops_per_step'] / 1e12:.3f} TFLOP, {r['achieved_tflops']:.2f} TFLOP/s, {r['mfu_pct']:.2f} %"))
+            rows.append((f"{name} peak memory", peak))
+            rows.append((f"{name} paper schedule ({PAPER_STEPS[name]} steps)", f"{r['paper_schedule_hours']} h"))
+    if len(stages) == 2:
+        total = sum(r["paper_schedule_hours"] for r in results.values())
+        results["paper_schedule_total_hours"] = round(total, 1)
+        rows.append(("paper schedule, both stages", f"{total:.1f} h ({total / 24:.2f} days)"))
+    return report("train_step", args, device, rows, results)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""The benchmark scripts still run (tiny models, one repeat) and report what BENCHMARKS.md quotes.
+
+Nothing here times anything: speed is measured by the scripts themselves, never asserted in tests.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.helpers_faces import require_buffalo_s_pack
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+sys.path.insert(0, str(BENCH))
+
+FAST = ["--tiny", "--repeats", "1", "--warmup", "0"]
+
+
+def _record(path: Path) -> dict:
+    record = json.loads(path.read_text(encoding="utf-8"))
+    assert record["environment"]["torch"] and record["command"].startswith("python ")
+    return record["results"]
+
+
+def test_conditioning_overhead_keeps_the_plain_prompt_context(tmp_path):
+    import conditioning_overhead
+
+    conditioning_overhead.main(FAST + ["--json", str(tmp_path / "c.json")])
+    results = _record(tmp_path / "c.json")
+    assert results["context_tokens"] == {"plain": 77, "adaface": 77}
+    assert results["unet_step_plain"]["repeats"] == results["unet_step_adaface"]["repeats"] == 1
+
+
+def test_train_step_reports_flops_for_both_stages(tmp_path):
+    import train_step
+
+    train_step.main(FAST + ["--json", str(tmp_path / "t.json")])
+    results = _record(tmp_path / "t.json")
+    for stage in ("face", "composition"):
+        assert results[stage]["flops_per_step"] > 0 and results[stage]["median_ms"] > 0
+    assert results["paper_schedule_total_hours"] > 0
+
+
+def test_face_pipeline_breakdown_and_cache(tmp_path):
+    pack = require_buffalo_s_pack(tmp_path / "buffalo_s")
+    import face_pipeline
+
+    face_pipeline.main(FAST + ["--face-pack", str(pack), "--json", str(tmp_path / "f.json")])
+    results = _record(tmp_path / "f.json")
+    assert results["faces_found"] == 1
+    for stage in ("detect + ArcFace", "Arc2Face encoder", "inverter", "inject + CLIP encode",
+                  "repeated photo -> subject (cache)"):
+        assert results[stage]["median_ms"] > 0
+
+
+@pytest.mark.parametrize("line, counts", [
+    ("120 passed, 3 skipped in 80.12s (0:01:20)", {"passed": 120, "skipped": 3}),
+    ("1 failed, 7 passed in 2.00s", {"failed": 1, "passed": 7}),
+])
+def test_cpu_suite_reads_pytest_counts(line, counts):
+    import cpu_suite
+
+    assert cpu_suite.pytest_counts(f"....\n{line}\n") == counts
