@@ -19,12 +19,13 @@ from safetensors.torch import save_file
 
 from .errors import CheckpointError, ModelFileMissingError
 from .inverter import InverterConfig, PromptInverter
-from .weights import load_checked
+from .weights import check_shapes, state_shapes
 
 logger = logging.getLogger(__name__)
 
 FORMAT_NAME = "adaface-inverter"
 FORMAT_VERSION = "1"
+SUPPORTED_ID_ENCODER = "arc2face"
 
 
 def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Union[str, Path], metadata: dict[str, str]) -> Path:
@@ -97,13 +98,27 @@ def load_inverter(
         config = InverterConfig.from_json(metadata["config"])
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{path.name} has a malformed configuration in its metadata: {exc}") from exc
+    if config.id_encoder != SUPPORTED_ID_ENCODER:
+        raise CheckpointError(
+            f"{path.name} is an inverter for the {config.id_encoder!r} ID encoder; this version reads "
+            f"{SUPPORTED_ID_ENCODER!r} inverters only"
+        )
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            found = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot read tensors from {path}: {exc}") from exc
+    # Shapes first, against a model without storage: a mismatched (or hostile) configuration is
+    # reported before anything of its size is allocated.
+    with torch.device("meta"):
+        expected = state_shapes(PromptInverter(config).state_dict())
+    check_shapes(expected, found, path.name)
     inverter = PromptInverter(config)
     try:
         with safe_open(str(path), framework="pt") as handle:
-            state = {key: handle.get_tensor(key) for key in handle.keys()}
+            inverter.load_state_dict({key: handle.get_tensor(key) for key in handle.keys()})
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"cannot read tensors from {path}: {exc}") from exc
-    load_checked(inverter, state, path.name)
     logger.info("loaded AdaFace inverter %s (multipliers %s)", path.name, config.attention_multipliers)
     inverter = inverter.to(device)
     if dtype is not None:

@@ -15,7 +15,7 @@ import logging
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
@@ -28,11 +28,17 @@ logger = logging.getLogger(__name__)
 __all__ = ["DetectedFace", "FaceAnalyzer", "FaceModelLoadError", "IdentityResult", "ImageInput", "average_identity"]
 
 RETRY_DET_SIZES = (640, 512, 384, 256)
+LARGE_CANVAS_SIDES = (1280, 1920)
+"""Canvases for a last try on big photos, where shrinking to ``det_size`` made a real face too small."""
 SMALL_IMAGE_SIDE = 256  # below this, tight crops are framed in a border before the first try
 ALIGNED_SIZE = 112
+MIN_FACE_SIDE = 24
+"""Shorter box side (original pixels) below which a face is refused: ArcFace cannot tell people apart there."""
+SMALL_FACE_SIDE = 48
+"""Below this the identity is used but a warning says it may be off."""
 NO_FACE_ADVICE = (
     "use a photo where the face is clearly visible, roughly frontal, not cut off by the frame and "
-    "not tiny (at least about 40 pixels across)"
+    f"not tiny (at least about {SMALL_FACE_SIDE} pixels across)"
 )
 
 
@@ -67,6 +73,12 @@ class DetectedFace:
         """True box area ``(x2 - x1) * (y2 - y1)``."""
         x1, y1, x2, y2 = (float(v) for v in self.bbox[:4])
         return max(0.0, x2 - x1) * max(0.0, y2 - y1)
+
+    @property
+    def min_side(self) -> float:
+        """Shorter side of the box, in the original photo's pixels."""
+        x1, y1, x2, y2 = (float(v) for v in self.bbox[:4])
+        return max(0.0, min(x2 - x1, y2 - y1))
 
     def embedding_tensor(self) -> Any:
         """The unit vector as a float32 torch tensor ``[D]``."""
@@ -122,6 +134,20 @@ def _fixed_detector_size(detector: Any) -> Optional[tuple[int, int]]:
     return None
 
 
+def _usable(face: DetectedFace) -> DetectedFace:
+    """``face`` if it is big enough to identify someone; ``NoFaceError`` saying how small it is otherwise."""
+    side = face.min_side
+    if side < MIN_FACE_SIDE:
+        raise NoFaceError(
+            f"the face in {face.name} is only {side:.0f} pixels across, too small to identify anyone "
+            f"(at least {MIN_FACE_SIDE} are needed, {SMALL_FACE_SIDE} or more are better); use a larger photo or a closer crop"
+        )
+    if side < SMALL_FACE_SIDE:
+        logger.warning("the face in %s is only %.0f pixels across; its identity may be off (%d or more are better)",
+                       face.name, side, SMALL_FACE_SIDE)
+    return face
+
+
 class FaceAnalyzer:
     """Detector + recogniser from one insightface pack folder; finds faces and their ArcFace vectors."""
 
@@ -150,6 +176,7 @@ class FaceAnalyzer:
         self.det_size = int(det_size)
         self.det_thresh = float(det_thresh)
         fixed = _fixed_detector_size(detector)
+        self.resizable = fixed is None
         if fixed is not None:
             self.det_sizes: list[tuple[int, int]] = [fixed]
         else:
@@ -207,18 +234,32 @@ class FaceAnalyzer:
         """The onnxruntime providers the detector session actually runs on."""
         return list(self.detector.session.get_providers())
 
-    def _detect(self, bgr: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Boxes ``[n, 4]``, keypoints ``[n, 5, 2]`` (original pixels) and scores ``[n]`` from the first try that finds any."""
+    def _attempts(self, bgr: np.ndarray) -> Iterator[tuple[DetectionCanvas, tuple[int, int]]]:
+        """The (canvas, detector input size) tries, in order: as given, then with a border, smaller sizes
+        within each; last, for photos shrunk to fit, larger canvases where a small face is big enough to see."""
         small = min(bgr.shape[:2]) < SMALL_IMAGE_SIDE
         for pad in (small, not small):
-            canvas: DetectionCanvas = detection_canvas(bgr, self.max_side, pad)
+            canvas = detection_canvas(bgr, self.max_side, pad)
             for size in self.det_sizes:
-                dets, kps = self.detector.detect(canvas.image, input_size=size, max_num=0)
-                if dets is not None and len(dets) and kps is not None:
-                    boxes, points = canvas.to_original(dets, kps)
-                    if pad != small or size != self.det_sizes[0]:
-                        logger.debug("face found on retry (det size %s, border %s)", size, pad)
-                    return boxes, points, dets[:, 4].astype(np.float32)
+                yield canvas, size
+        longest = max(bgr.shape[:2])
+        if self.resizable and longest > self.max_side:
+            for side in LARGE_CANVAS_SIDES:
+                canvas = detection_canvas(bgr, side, False)
+                input_side = -(-max(canvas.image.shape[:2]) // 32) * 32  # the detector's largest stride
+                yield canvas, (input_side, input_side)
+                if side >= longest:
+                    break
+
+    def _detect(self, bgr: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Boxes ``[n, 4]``, keypoints ``[n, 5, 2]`` (original pixels) and scores ``[n]`` from the first try that finds any."""
+        for attempt, (canvas, size) in enumerate(self._attempts(bgr)):
+            dets, kps = self.detector.detect(canvas.image, input_size=size, max_num=0)
+            if dets is not None and len(dets) and kps is not None:
+                if attempt:
+                    logger.debug("face found on try %d (canvas %s, det size %s)", attempt + 1, canvas.image.shape[:2], size)
+                boxes, points = canvas.to_original(dets, kps)
+                return boxes, points, dets[:, 4].astype(np.float32)
         empty = np.zeros((0,), np.float32)
         return empty.reshape(0, 4), empty.reshape(0, 5, 2), empty
 
@@ -272,12 +313,12 @@ class FaceAnalyzer:
         return self._faces(image, name or image_name(image, 0), largest_only=False)
 
     def analyze(self, image: ImageInput, name: Optional[str] = None) -> DetectedFace:
-        """The largest face in one photo; ``NoFaceError`` (naming the photo) when there is none."""
+        """The largest face in one photo; ``NoFaceError`` (naming the photo) when there is none or it is too small."""
         name = name or image_name(image, 0)
         faces = self._faces(image, name, largest_only=True)
         if not faces:
             raise NoFaceError(f"no face found in {name}; {NO_FACE_ADVICE}")
-        return faces[0]
+        return _usable(faces[0])
 
     def identity(
         self,
@@ -296,19 +337,19 @@ class FaceAnalyzer:
             names = [image_name(item, index) for index, item in enumerate(items)]
         elif len(names) != len(items):
             raise ConfigError(f"{len(names)} names for {len(items)} photos")
-        faces, skipped = [], []
+        faces, skipped, reasons = [], [], []
         for item, name in zip(items, names):
-            found = self._faces(item, str(name), largest_only=True)
-            if found:
-                faces.append(found[0])
-            else:
+            try:
+                faces.append(self.analyze(item, str(name)))
+            except NoFaceError as error:
                 skipped.append(str(name))
+                reasons.append(str(error))
         if not faces:
             if len(items) == 1:
-                raise NoFaceError(f"no face found in {skipped[0]}; {NO_FACE_ADVICE}")
-            raise NoFaceError(f"no face found in any of the {len(items)} photos ({', '.join(skipped)}); {NO_FACE_ADVICE}")
+                raise NoFaceError(reasons[0])
+            raise NoFaceError(f"no usable face in any of the {len(items)} photos ({', '.join(skipped)}); {NO_FACE_ADVICE}")
         if skipped:
-            logger.warning("no face found in %s; using the other %d photo(s)", ", ".join(skipped), len(faces))
+            logger.warning("no usable face in %s; using the other %d photo(s)", ", ".join(skipped), len(faces))
         return IdentityResult(
             embedding=average_identity([face.normed_embedding for face in faces]),
             faces=faces,

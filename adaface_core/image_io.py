@@ -46,6 +46,8 @@ def _to_numpy(image: ImageInput, name: str) -> np.ndarray:
             with Image.open(path) as opened:
                 opened.load()
                 image = ImageOps.exif_transpose(opened)  # phone photos are stored sideways
+        except Image.DecompressionBombError as error:
+            raise BadImageError(f"image {path} is too large to open safely ({error}); scale it down first") from error
         except (OSError, ValueError) as error:
             raise BadImageError(f"cannot read image {path}: {error}") from error
     if isinstance(image, Image.Image):
@@ -79,9 +81,14 @@ def _unit_range(array: np.ndarray, name: str) -> np.ndarray:
         high = int(array.max()) if array.size else 0
         if int(array.min()) < 0:
             raise BadImageError(f"{name}: integer image has negative values")
-        if array.dtype == np.uint8 or high <= 255:
+        # The dtype decides where it can: a dark 16-bit photo (values <= 255) is still 16-bit.
+        if array.dtype == np.uint8:
             return array.astype(np.float32) / 255.0
-        if array.dtype == np.uint16 or high <= 65535:
+        if array.dtype == np.uint16:
+            return array.astype(np.float32) / 65535.0
+        if high <= 255:  # wider integer types (numpy's default int64) carry no depth: judge by range
+            return array.astype(np.float32) / 255.0
+        if high <= 65535:
             return array.astype(np.float32) / 65535.0
         raise BadImageError(f"{name}: integer image values reach {high}; expected 8- or 16-bit")
     raise BadImageError(f"{name}: unsupported pixel type {array.dtype}")

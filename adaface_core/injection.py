@@ -5,12 +5,15 @@ Two front ends share one idea (AdaFace's in-place replacement, DESIGN §2.6):
   ``(token, weight[, word_id])`` entries, a token being an int id or a ``[H]`` tensor that the
   text encoder splices in as an input embedding. Chunks stay 77 long and a subject's N tokens
   never straddle two chunks, so position embeddings line up as in a plain prompt.
+  A plain tokenizer's output (ids, a batch of them, a ``BatchEncoding``) is taken too, and
+  ``chunk_input_embeds`` turns the result into input embeddings for any CLIP text encoder.
 - ``splice_subject_embeds`` does the same on batched ``[B, 77, H]`` token embeddings (the trainer).
 Nothing after the text encoder changes, which is why any sampler or AnimateDiff works unchanged.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -32,6 +35,12 @@ class SpecialTokens:
         """Reads start/end/pad ids from the tokenization of an empty prompt: ``[start, end, pad, ...]``."""
         return cls(int(chunk[0][0]), int(chunk[1][0]), int(chunk[2][0]))
 
+    @classmethod
+    def from_tokenizer(cls, tokenizer: Any) -> "SpecialTokens":
+        """From a transformers CLIP tokenizer (start = BOS, end = EOS, pad = its pad token or EOS)."""
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        return cls(int(tokenizer.bos_token_id), int(tokenizer.eos_token_id), int(pad))
+
 
 @dataclass(frozen=True)
 class SubjectSlot:
@@ -40,6 +49,44 @@ class SubjectSlot:
     placeholder: str
     placeholder_ids: tuple[int, ...]
     tokens: torch.Tensor
+
+
+def as_token_chunks(tokens: Any) -> list[list[Entry]]:
+    """Token chunks from ComfyUI's entries, or from a plain tokenizer's output.
+
+    A plain output is a ``BatchEncoding`` (or dict) with ``input_ids``, a list of ids, a list of such
+    lists (one per chunk) or a 1-D / 2-D tensor; each id becomes an ``(id, 1.0)`` entry. Pad each
+    chunk to the encoder's length (``padding="max_length"``), as ComfyUI's chunks are.
+    """
+    if isinstance(tokens, Mapping):
+        tokens = tokens["input_ids"]
+    if hasattr(tokens, "tolist"):
+        tokens = tokens.tolist()
+    rows = list(tokens)
+    if rows and isinstance(rows[0], int):
+        rows = [rows]
+    if rows and rows[0] and isinstance(rows[0][0], int):
+        return [[(int(token), 1.0) for token in row] for row in rows]
+    return [list(chunk) for chunk in rows]
+
+
+def chunk_input_embeds(chunks: Sequence[Sequence[Entry]], token_embedding: torch.Tensor) -> torch.Tensor:
+    """``[C, L, H]`` input embeddings of token chunks: id entries looked up in ``token_embedding``
+    (``[V, H]``), tensor entries spliced in as they are. Weights are not applied (that is the caller's
+    prompt-weighting scheme); position embeddings are added by the text encoder."""
+    width = token_embedding.shape[1]
+    out = []
+    for chunk in chunks:
+        ids = torch.tensor([0 if isinstance(e[0], torch.Tensor) else int(e[0]) for e in chunk], device=token_embedding.device)
+        rows = token_embedding[ids].clone()
+        for i, entry in enumerate(chunk):
+            if isinstance(entry[0], torch.Tensor):
+                vector = entry[0].reshape(-1)
+                if vector.shape[0] != width:
+                    raise ConfigError(f"a token entry of width {vector.shape[0]} cannot enter a {width}-wide text encoder")
+                rows[i] = vector.to(rows)
+        out.append(rows)
+    return torch.stack(out)
 
 
 def _token_id(entry: Entry) -> Any:
@@ -113,7 +160,7 @@ def _pack(units: list[list[Entry]], special: SpecialTokens, length: int, width: 
 
 
 def inject_into_chunks(
-    chunks: Sequence[Sequence[Entry]],
+    chunks: Any,
     slots: Sequence[SubjectSlot],
     special: SpecialTokens,
     append_if_missing: bool = False,
@@ -122,8 +169,10 @@ def inject_into_chunks(
 
     Every chunk keeps exactly its original length. A chunk that overflows after replacement is
     split; chunks without placeholders are returned as they were. A placeholder absent from the
-    prompt is an error, unless ``append_if_missing`` puts the subject at the end.
+    prompt is an error, unless ``append_if_missing`` puts the subject at the end. ``chunks`` may
+    also be a plain tokenizer's output (see ``as_token_chunks``).
     """
+    chunks = as_token_chunks(chunks)
     if not chunks:
         raise ConfigError("no token chunks given")
     length = len(chunks[0])

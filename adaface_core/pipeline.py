@@ -17,7 +17,9 @@ import torch
 
 from .arc2face import Arc2FaceEncoder
 from .checkpoint import load_inverter
+from .errors import ConfigError
 from .face_analysis import FaceAnalyzer, IdentityResult, ImageInput
+from .image_io import image_name
 from .inverter import PromptInverter
 from .subject import SubjectEmbedding
 from .tokenizer import load_clip_tokenizer
@@ -49,7 +51,7 @@ class SubjectEncoder:
         cache_size: int = 32,
     ):
         if encoder.hidden_size != inverter.config.clip.hidden_size:
-            raise ValueError(
+            raise ConfigError(
                 f"the Arc2Face encoder is {encoder.hidden_size} wide but the inverter expects "
                 f"{inverter.config.clip.hidden_size}: they do not belong together"
             )
@@ -69,6 +71,7 @@ class SubjectEncoder:
         device: Union[str, torch.device] = "cpu",
         dtype: torch.dtype = torch.float32,
     ) -> "SubjectEncoder":
+        """Loads the encoder folder, the tokenizer folder and the inverter file (no download, ever)."""
         encoder = Arc2FaceEncoder.from_folder(encoder_dir, load_clip_tokenizer(tokenizer_dir)).to(device, dtype)
         inverter = load_inverter(inverter_path, device=device, dtype=dtype)
         return cls(encoder, inverter, faces)
@@ -106,9 +109,9 @@ class SubjectEncoder:
     ) -> tuple[SubjectEmbedding, IdentityResult]:
         """One identity from one or several photos; also returns the faces found (cached by content)."""
         if self.faces is None:
-            raise ValueError("this SubjectEncoder was built without face models")
-        names = list(names) if names is not None else [f"image {i}" for i in range(len(images))]
-        key = image_digest(images)
+            raise ConfigError("this SubjectEncoder was built without face models")
+        names = list(names) if names is not None else [image_name(image, i) for i, image in enumerate(images)]
+        key = image_digest(images) + "|" + "|".join(names)  # the names are part of what is returned
         cached = self._cache.get(key)
         if cached is not None:
             self._cache.move_to_end(key)

@@ -53,21 +53,29 @@ def strip_prefix(state: dict[str, torch.Tensor], prefixes: Iterable[str], probe:
     raise CheckpointError(f"no '{probe}' weights found (looked under prefixes {list(prefixes)})")
 
 
-def load_checked(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """``load_state_dict`` that names every missing, unexpected or mis-shaped tensor in one error."""
-    expected = module.state_dict()
+def check_shapes(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]], source: str) -> None:
+    """Names every missing, unexpected or mis-shaped tensor of ``found`` against ``expected`` in one error."""
     problems = []
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
     if missing:
         problems.append(f"missing {len(missing)} tensors, e.g. {missing[:4]}")
     if unexpected:
         problems.append(f"unexpected {len(unexpected)} tensors, e.g. {unexpected[:4]}")
-    for key in sorted(set(state) & set(expected)):
-        if tuple(state[key].shape) != tuple(expected[key].shape):
-            problems.append(f"{key}: file has {tuple(state[key].shape)}, model expects {tuple(expected[key].shape)}")
+    for key in sorted(set(found) & set(expected)):
+        if tuple(found[key]) != tuple(expected[key]):
+            problems.append(f"{key}: file has {tuple(found[key])}, model expects {tuple(expected[key])}")
     if problems:
         raise CheckpointError(f"{source} does not match the model: " + "; ".join(problems[:8]))
+
+
+def state_shapes(state: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    return {key: tuple(value.shape) for key, value in state.items()}
+
+
+def load_checked(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """``load_state_dict`` that names every missing, unexpected or mis-shaped tensor in one error."""
+    check_shapes(state_shapes(module.state_dict()), state_shapes(state), source)
     module.load_state_dict(state)
 
 
@@ -89,7 +97,10 @@ def load_clip_text_folder(folder: Path, multipliers: Optional[list[int]] = None)
             f"CLIP text encoder folder {folder} is missing config.json (expected the transformers "
             "CLIPTextModel layout: config.json and model.safetensors)"
         )
-    config = ClipTextConfig.from_dict(json.loads(config_path.read_text(encoding="utf-8")))
+    try:
+        config = ClipTextConfig.from_dict(json.loads(config_path.read_text(encoding="utf-8")))
+    except (ValueError, TypeError) as exc:  # JSONDecodeError is a ValueError
+        raise CheckpointError(f"{config_path} is not a valid CLIP text config.json: {exc}") from exc
     state = read_state_dict(find_weight_file(folder))
     return clip_text_from_state_dict(state, config, str(folder), multipliers)
 

@@ -213,10 +213,7 @@ def resolve(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
 def encode_chunk(text_model, chunk: Sequence[tuple]) -> torch.Tensor:
     """``[1, 77, H]``: one ComfyUI-shaped token chunk through the text encoder, tensor entries spliced in
     as input embeddings (how ComfyUI's SD1 CLIP consumes injected subject tokens)."""
-    table = text_model.embeddings.token_embedding.weight
-    ids = torch.tensor([0 if isinstance(e[0], torch.Tensor) else int(e[0]) for e in chunk], device=table.device)
-    rows = table[ids].clone()
-    for i, entry in enumerate(chunk):
-        if isinstance(entry[0], torch.Tensor):
-            rows[i] = entry[0].reshape(-1).to(rows)
-    return text_model(token_embeds=rows.unsqueeze(0)).last_hidden_state
+    from adaface_core.injection import chunk_input_embeds
+
+    rows = chunk_input_embeds([chunk], text_model.embeddings.token_embedding.weight)
+    return text_model(token_embeds=rows).last_hidden_state

@@ -83,3 +83,14 @@ def test_bad_inputs_fail_with_one_clear_line(tmp_path, tiny_models, face_pack, c
     caplog.clear()
     assert main(args(tiny_models, face_pack, tmp_path / "bad name!.safetensors", black)) == 2
     assert "embedding name" in caplog.text
+
+
+def test_an_inverter_and_encoder_that_do_not_belong_together_is_one_clear_line(tmp_path, tiny_models, face_pack, caplog):
+    from adaface_core.tiny_models import TinySpec, write_inverter_file
+
+    photo = write_photos(tmp_path / "p")[0]
+    narrow = write_inverter_file(TinySpec(hidden_size=32), tmp_path / "narrow.safetensors")
+    call = args(tiny_models, face_pack, tmp_path / "x.safetensors", photo)
+    call[call.index("--inverter") + 1] = str(narrow)
+    assert main(call) == 2
+    assert "the Arc2Face encoder is 64 wide but the inverter expects 32" in caplog.text

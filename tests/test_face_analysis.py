@@ -313,3 +313,42 @@ def test_huge_photo_maps_box_back_to_original_pixels(analyzer, faces):
     np.testing.assert_allclose(huge.bbox, base.bbox * 8, atol=8 * 3)  # within 3 original pixels
     np.testing.assert_allclose(huge.kps, base.kps * 8, atol=8 * 3)
     assert cosine(huge.normed_embedding, base.normed_embedding) > 0.9
+
+
+def grace_hopper(faces: Path) -> np.ndarray:
+    return np.asarray(Image.open(faces / "labeled" / "Grace_Hopper" / "grace_hopper_512x512.jpg").convert("RGB"))
+
+
+def test_a_face_too_small_to_identify_is_refused_not_misread(analyzer, faces):
+    """Shrunk to 32 px her face is about 12 px: ArcFace would give somebody else, so it is an error."""
+    thumb = np.asarray(Image.fromarray(grace_hopper(faces)).resize((32, 32), Image.BICUBIC))
+    with pytest.raises(NoFaceError, match=r"only \d+ pixels across, too small"):
+        analyzer.analyze(thumb, name="thumb.png")
+    result = analyzer.identity([thumb, grace_hopper(faces)], names=["thumb.png", "full.jpg"])
+    assert result.skipped_names == ["thumb.png"] and result.used_names == ["full.jpg"]
+
+
+def test_a_small_face_in_a_very_large_photo_is_found(analyzer, faces):
+    """A 5120x3840 photo with a ~100 px face: shrunk to 640 the face is too small, a larger canvas finds it."""
+    image = grace_hopper(faces)
+    portrait = np.asarray(Image.fromarray(image).resize((192, 192), Image.BICUBIC))
+    canvas = np.full((3840, 5120, 3), 90, np.uint8)
+    canvas[1800:1992, 3000:3192] = portrait
+    face = analyzer.analyze(canvas, name="wide.jpg")
+    assert 3000 <= face.bbox[0] and face.bbox[2] <= 3192 and 1800 <= face.bbox[1] and face.bbox[3] <= 1992
+    assert cosine(face.normed_embedding, analyzer.analyze(image).normed_embedding) > 0.7
+
+
+def test_a_dark_16_bit_photo_keeps_its_depth(faces):
+    dark = (grace_hopper(faces).astype(np.uint16) // 4)  # 16-bit values all <= 255: a very dark 16-bit photo
+    rgb = to_rgb_uint8(dark, "dark.png")
+    assert rgb.max() <= 1  # 63/65535 of full scale, not 63/255
+    assert to_rgb_uint8(dark.astype(np.int64), "ints").max() == 63  # no depth in the dtype: judged by range
+
+
+def test_an_oversized_file_is_a_clear_error_not_a_crash(tmp_path, monkeypatch):
+    path = tmp_path / "poster.png"
+    Image.new("RGB", (300, 300)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100 * 100 // 2)  # Pillow refuses > 2x this
+    with pytest.raises(BadImageError, match="too large to open safely"):
+        to_rgb_uint8(path)

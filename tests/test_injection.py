@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from adaface_core.errors import PlaceholderError
-from adaface_core.injection import SpecialTokens, SubjectSlot, inject_into_chunks, splice_subject_embeds
+from adaface_core.errors import ConfigError, PlaceholderError
+from adaface_core.injection import (SpecialTokens, SubjectSlot, chunk_input_embeds, inject_into_chunks,
+                                    splice_subject_embeds)
 from adaface_core.tokenizer import load_clip_tokenizer, single_token_id
 from adaface_core.weights import load_clip_text_folder
 from comfy_standin import StandInClip
@@ -100,3 +101,28 @@ def test_batched_splice_matches_chunk_injection(clip):
     subject.requires_grad_(True)
     splice_subject_embeds(prompt_ids, embeds, placeholder, subject).sum().backward()
     assert subject.grad is not None and torch.all(subject.grad == 1)
+
+
+def test_a_plain_tokenizers_output_injects_like_comfyui_chunks(clip):
+    """Scripts and diffusers users pass the tokenizer's output straight in and get input embeddings back."""
+    encoding = clip.tokenizer("a photo of z hugging y", padding="max_length", max_length=77)
+    dog, cat = word_embedding(clip, "dog"), word_embedding(clip, "cat")
+    chunks = inject_into_chunks(encoding, [slot(clip, "s", dog, "z"), slot(clip, "s", cat, "y")],
+                                SpecialTokens.from_tokenizer(clip.tokenizer))
+    assert len(chunks) == 1 and len(chunks[0]) == 77
+    table = clip.text_model.embeddings.token_embedding.weight
+    injected = clip.text_model(token_embeds=chunk_input_embeds(chunks, table)).last_hidden_state
+    expected_ids = clip.tokenizer("a photo of dog hugging cat", padding="max_length", max_length=77, return_tensors="pt")
+    expected = clip.text_model(input_ids=expected_ids["input_ids"]).last_hidden_state
+    torch.testing.assert_close(injected, expected, atol=1e-5, rtol=1e-5)
+    # The same through a batch of id lists and through a tensor.
+    for form in (encoding["input_ids"], [encoding["input_ids"]], torch.tensor([encoding["input_ids"]])):
+        again = inject_into_chunks(form, [slot(clip, "s", dog, "z"), slot(clip, "s", cat, "y")],
+                                   SpecialTokens.from_tokenizer(clip.tokenizer))
+        torch.testing.assert_close(chunk_input_embeds(again, table), chunk_input_embeds(chunks, table))
+
+
+def test_a_wrong_width_subject_is_refused_when_embedding(clip):
+    chunks = inject_into_chunks(clip.tokenize("a photo of z")["l"], [slot(clip, "s", torch.zeros(16, 32))], special(clip))
+    with pytest.raises(ConfigError, match="width 32"):
+        chunk_input_embeds(chunks, clip.text_model.embeddings.token_embedding.weight)

@@ -160,3 +160,49 @@ def test_textual_inversion_file_has_both_keys_and_loads_in_diffusers(tmp_path, t
     ids = tokenizer(loader.maybe_convert_prompt("a photo of <alice>", tokenizer), add_special_tokens=False)["input_ids"]
     assert len(ids) == 3 + 16
     torch.testing.assert_close(text_encoder.get_input_embeddings().weight[ids[3:]], tokens)
+
+
+def test_id_guidance_blends_towards_the_pad_tokens_input_embedding(tiny_models):
+    """The reference's ID guidance pulls towards CLIP's pad token (49407) at positions 4..19, token + position."""
+    inverter = load_inverter(tiny_models.inverter)
+    embeds = inverter.clip.embeddings
+    expected = embeds.token_embedding.weight[49407][None] + embeds.position_embedding.weight[4:20]
+    torch.testing.assert_close(inverter.pad_embeddings(), expected)
+
+
+def _rewrite_metadata(source, target, **changes):
+    with safe_open(str(source), framework="pt") as f:
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    config = json.loads(metadata["config"])
+    config.update(changes.pop("config", {}))
+    save_file(tensors, str(target), metadata=metadata | {"config": json.dumps(config)} | changes)
+    return target
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"config": {"id_encoder": "consistentid"}}, "'consistentid' ID encoder"),
+    ({"config": {"attention_multipliers": [1, 1]}}, "malformed configuration"),
+    ({"config": {"clip": {"hidden_size": 64}, "unknown_field": 1}}, "malformed configuration"),
+    ({"format_version": "7"}, "format version '7'"),
+])
+def test_a_checkpoint_with_a_foreign_or_broken_configuration_is_named(tmp_path, tiny_models, changes, message):
+    path = _rewrite_metadata(tiny_models.inverter, tmp_path / "odd.safetensors", **changes)
+    with pytest.raises(CheckpointError, match=message):
+        load_inverter(path)
+
+
+def test_a_configuration_larger_than_the_weights_is_refused_before_allocating(tmp_path, tiny_models):
+    """A config claiming a huge model is checked on the meta device: no gigabytes are allocated to find out."""
+    path = _rewrite_metadata(tiny_models.inverter, tmp_path / "huge.safetensors",
+                             config={"attention_multipliers": [4096, 1, 1]})
+    with pytest.raises(CheckpointError, match=r"k_proj.weight: file has \(64, 64\), model expects \(262144, 64\)"):
+        load_inverter(path)
+
+
+def test_a_corrupt_encoder_config_names_the_file(tmp_path, tiny_models):
+    import shutil
+
+    folder = shutil.copytree(tiny_models.encoder, tmp_path / "encoder")
+    (folder / "config.json").write_text("{ not json", encoding="utf-8")
+    with pytest.raises(CheckpointError, match=r"encoder[/\\]config.json is not a valid CLIP text config.json"):
+        Arc2FaceEncoder.from_folder(folder, load_clip_tokenizer(tiny_models.tokenizer))
