@@ -196,7 +196,7 @@ def inject_into_chunks(
         names = ", ".join(repr(s.placeholder) for s in missing)
         raise PlaceholderError(
             f"the prompt has no placeholder {names}: write it where the person goes, e.g. "
-            f"'a photo of {missing[0].placeholder} in the forest' (or enable appending the subject at the end)"
+            f"'a photo of {missing[0].placeholder} in the forest' (or set append_if_missing to put the subject at the end)"
         )
     for slot in missing:
         last = out[-1]

@@ -47,7 +47,12 @@ class SubjectEmbedding:
         return id_strength * self.tokens + (1.0 - id_strength) * self.pad_embeds.to(self.tokens)
 
     def mix(self, other: "SubjectEmbedding", weight: float) -> "SubjectEmbedding":
-        """``(1 - weight) * self + weight * other``: a blend of two identities."""
+        """``(1 - weight) * self + weight * other``: a blend of two identities.
+
+        Tokens blend linearly (the prompt sees exactly this mix); the ID vector is blended and
+        re-normalised so it stays a unit ArcFace vector. The inverter is not linear, so the teacher's
+        face for the mixed vector is close to, not equal to, the tokens' face.
+        """
         if not 0.0 <= weight <= 1.0:
             raise ConfigError(f"mix weight must be between 0 and 1, got {weight}")
         if self.tokens.shape != other.tokens.shape:

@@ -18,7 +18,7 @@ NODE_CLASS_MAPPINGS = {
 NODE_DISPLAY_NAME_MAPPINGS = {
     "AdaFaceLoader": "Load AdaFace",
     "AdaFaceFaceEmbed": "Face → ID Embedding",
-    "AdaFaceInjectSubject": "Inject Subject Tokens",
+    "AdaFaceInjectSubject": "Inject Subject Tokens into CLIP conditioning",
     "AdaFaceTeacherSampler": "Arc2Face Teacher Sampler",
     "AdaFaceSaveEmbedding": "Save AdaFace Embedding",
     "AdaFaceMixSubjects": "Mix Subject Embeddings",

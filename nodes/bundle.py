@@ -16,7 +16,9 @@ import comfy.model_management as model_management
 import comfy.sd
 
 from ..adaface_core.errors import ModelFileMissingError
+from ..adaface_core.face_analysis import IdentityResult
 from ..adaface_core.pipeline import SubjectEncoder
+from ..adaface_core.subject import SubjectEmbedding
 
 logger = logging.getLogger(__name__)
 
@@ -34,9 +36,17 @@ class AdaFaceBundle:
     _teacher: Optional[Any] = field(default=None, repr=False)
 
     def encoder(self) -> SubjectEncoder:
-        """The SubjectEncoder with its modules loaded on ComfyUI's compute device."""
-        model_management.load_models_gpu([self.patcher])
+        """The SubjectEncoder with its modules loaded on ComfyUI's compute device.
+
+        Fully: these are plain torch modules, which a partial (low-VRAM) load would leave half on the
+        offload device; ComfyUI loads its own CLIP the same way.
+        """
+        model_management.load_models_gpu([self.patcher], force_full_load=True)
         return self.subjects
+
+    def encode_photos(self, photos: list, names: list[str]) -> tuple[SubjectEmbedding, IdentityResult]:
+        """Subject and faces of the photos; the models are only loaded when the photos are new."""
+        return self.subjects.cached(photos, names) or self.encoder().encode_photos(photos, names)
 
     def teacher_model(self) -> Any:
         """Arc2Face's UNet as a ComfyUI MODEL, loaded on first use (only the teacher sampler needs it)."""

@@ -36,7 +36,7 @@ class AdaFaceFaceEmbed:
     RETURN_TYPES = (ADAFACE_SUBJECT, "IMAGE")
     RETURN_NAMES = ("subject", "face_crops")
     OUTPUT_TOOLTIPS = (
-        "The person as subject tokens: connect to Inject Subject Tokens, Save or Mix.",
+        "The person as subject tokens: connect to Inject Subject Tokens into CLIP conditioning, Save or Mix.",
         "The aligned face crop used from each photo (112x112), to check which face was picked.",
     )
     FUNCTION = "embed"
@@ -52,7 +52,7 @@ class AdaFaceFaceEmbed:
 
     def embed(self, adaface: AdaFaceBundle, image: torch.Tensor) -> tuple[SubjectEmbedding, torch.Tensor]:
         photos, names = image_batch_to_photos(image)
-        subject, identity = adaface.encoder().encode_photos(photos, names)
+        subject, identity = adaface.encode_photos(photos, names)
         if identity.skipped_names:
             logger.warning(
                 "Face → ID Embedding: no face in %s, so %s left out; the subject comes from %s",

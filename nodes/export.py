@@ -51,7 +51,11 @@ class AdaFaceSaveEmbedding:
 
 
 class AdaFaceMixSubjects:
-    DESCRIPTION = "Blends two people into one subject: weight 0 gives subject_a, 1 gives subject_b."
+    DESCRIPTION = (
+        "Blends two people into one subject: weight 0 gives subject_a, 1 gives subject_b. The subject tokens "
+        "(what Inject uses) are blended linearly; the ArcFace vector (what the Arc2Face teacher draws from) "
+        "along the sphere, so the teacher shows a neighbouring blend, not exactly the same face."
+    )
     CATEGORY = CATEGORY
     RETURN_TYPES = (ADAFACE_SUBJECT,)
     RETURN_NAMES = ("subject",)

@@ -54,8 +54,8 @@ def inverter_path(file_name: str) -> Path:
         return Path(folder_paths.get_full_path_or_raise(ADAFACE_FOLDER, file_name))
     except FileNotFoundError:
         raise ModelFileMissingError(
-            f"AdaFace inverter {file_name!r} not found: put adaface_inverter.safetensors (or your own trained "
-            f"inverter) in {_where(ADAFACE_FOLDER)}"
+            f"AdaFace inverter {file_name!r} not found: put an inverter file (the converted official release, "
+            f"e.g. adaface.safetensors, or a trained adaface_inverter.safetensors) in {_where(ADAFACE_FOLDER)}"
         ) from None
 
 

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-import node_helpers
-
 from ..adaface_core.errors import PlaceholderError
 from ..adaface_core.injection import SpecialTokens, SubjectSlot, inject_into_chunks
 from ..adaface_core.subject import SubjectEmbedding
@@ -64,11 +62,11 @@ class AdaFaceInjectSubject:
                 ),
                 "start_percent": (
                     "FLOAT",
-                    {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.001, "tooltip": "Sampling progress at which this conditioning starts to apply."},
+                    {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.001, "tooltip": "Sampling progress at which this conditioning starts to apply. Outside start..end this prompt gives no conditioning at all: combine it (Conditioning (Combine)) with a plain CLIP Text Encode for the other steps."},
                 ),
                 "end_percent": (
                     "FLOAT",
-                    {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.001, "tooltip": "Sampling progress at which this conditioning stops applying."},
+                    {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.001, "tooltip": "Sampling progress at which this conditioning stops applying (see start_percent: combine with a plain prompt for the rest)."},
                 ),
                 "append_if_missing": (
                     "BOOLEAN",
@@ -101,7 +99,10 @@ class AdaFaceInjectSubject:
         if len({slot.placeholder_ids for slot in slots}) != len(slots):
             raise PlaceholderError(f"both subjects use the placeholder {placeholder!r}: give the second one another word, e.g. 'y'")
         tokens = {SD1_KEY: inject_into_chunks(chunks, slots, special, append_if_missing=append_if_missing)}
-        conditioning = clip.encode_from_tokens_scheduled(tokens)
+        # The range travels in add_dict, as in ComfyUI's own timestep-range handling: hook keyframes
+        # outside it are then not encoded at all.
+        timestep_range = {} if (start_percent, end_percent) == (0.0, 1.0) else {"start_percent": start_percent, "end_percent": end_percent}
+        conditioning = clip.encode_from_tokens_scheduled(tokens, add_dict=timestep_range)
         width = conditioning[0][0].shape[-1]
         for _, person in people:
             if person.width != width:
@@ -109,6 +110,4 @@ class AdaFaceInjectSubject:
                     f"the subject tokens are {person.width} wide but this CLIP is {width} wide: AdaFace subjects "
                     "fit SD1.5's CLIP (768); check that the checkpoint is SD1.5 and the inverter matches it"
                 )
-        if (start_percent, end_percent) != (0.0, 1.0):
-            conditioning = node_helpers.conditioning_set_values(conditioning, {"start_percent": start_percent, "end_percent": end_percent})
         return (conditioning,)

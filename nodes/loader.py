@@ -39,6 +39,13 @@ def tokenizer_folder(arc2face_folder: Path) -> Path:
         return find_tokenizer_folder(comfy_tokenizer_folder())
 
 
+def onnx_provider(choice: str, torch_device: torch.device) -> str:
+    """The face models' onnxruntime provider: ``auto`` follows ComfyUI's device, so ``--cpu`` keeps them on the CPU."""
+    if choice == "auto" and torch_device.type == "cpu":
+        return "cpu"
+    return PROVIDERS.get(choice, choice)
+
+
 class AdaFaceLoader:
     DESCRIPTION = (
         "Loads the AdaFace models: an inverter from models/adaface, Arc2Face's encoder from models/arc2face "
@@ -65,16 +72,31 @@ class AdaFaceLoader:
                 ),
                 "provider": (
                     list(PROVIDERS),
-                    {"default": "auto", "tooltip": "Where face detection runs (onnxruntime); auto picks a GPU when this onnxruntime has one."},
+                    {"default": "auto", "tooltip": "Where face detection runs (onnxruntime); auto uses the GPU when ComfyUI runs on one and this onnxruntime supports it, else the CPU."},
                 ),
             }
         }
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, inverter: str, arc2face: str, face_models: str) -> bool | str:
+        """Says which file is missing and where it goes, before the run starts.
+
+        Declaring the three dropdowns here replaces ComfyUI's own check, which would only say
+        "value not in list" for a workflow whose models this install does not have yet.
+        """
+        try:
+            folders.inverter_path(inverter)
+            folders.arc2face_folder(arc2face)
+            folders.face_pack_folder(face_models)
+        except ModelFileMissingError as missing:
+            return str(missing)
+        return True
+
     def load(self, inverter: str, arc2face: str, face_models: str, provider: str) -> tuple[AdaFaceBundle]:
         inverter_file = folders.inverter_path(inverter)
         arc2face_dir = folders.arc2face_folder(arc2face)
-        faces = FaceAnalyzer.from_folder(folders.face_pack_folder(face_models), provider=PROVIDERS.get(provider, provider))
         load_device = model_management.get_torch_device()
+        faces = FaceAnalyzer.from_folder(folders.face_pack_folder(face_models), provider=onnx_provider(provider, load_device))
         offload_device = model_management.unet_offload_device()
         dtype = torch.float16 if model_management.should_use_fp16(load_device) else torch.float32
         subjects = SubjectEncoder.from_paths(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import comfy.model_management as model_management
 import comfy.sample
 import comfy.utils
+import latent_preview
 import torch
 
 from ..adaface_core.subject import SubjectEmbedding
@@ -79,11 +80,8 @@ class AdaFaceTeacherSampler:
         positive, negative = teacher_conditioning(adaface, subject)
         latent = torch.zeros([batch_size, LATENT_CHANNELS, height // 8, width // 8], device=model_management.intermediate_device())
         noise = comfy.sample.prepare_noise(latent, seed)
-        progress = comfy.utils.ProgressBar(steps)
-
-        def callback(step: int, x0: torch.Tensor, x: torch.Tensor, total_steps: int) -> None:
-            progress.update_absolute(step + 1, total_steps)
-
+        # KSampler's own callback: progress bar and previews; the server's progress hook raises on interrupt.
+        callback = latent_preview.prepare_callback(model, steps)
         samples = comfy.sample.sample(
             model, noise, steps, cfg, SAMPLER, SCHEDULER, positive, negative, latent,
             denoise=1.0, callback=callback, disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed,

@@ -25,7 +25,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 STANDIN = Path(__file__).resolve().parent / "standin_comfy"
 PACK = "ComfyUI-AdaFace"
-STANDIN_MODULES = ("folder_paths", "node_helpers", "comfy")
+STANDIN_MODULES = ("folder_paths", "latent_preview", "comfy")
 
 
 @dataclass

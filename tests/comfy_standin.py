@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -95,6 +95,8 @@ class StandInClip:
         cond = torch.cat(outputs, dim=0).unsqueeze(0)
         return (cond, pooled.unsqueeze(0)) if return_pooled else cond
 
-    def encode_from_tokens_scheduled(self, tokens: dict[str, list[list[tuple]]]) -> list:
+    def encode_from_tokens_scheduled(self, tokens: dict[str, list[list[tuple]]], unprojected: bool = False,
+                                     add_dict: Optional[dict] = None, show_pbar: bool = True) -> list:
+        """Without hooks ComfyUI encodes once and merges ``add_dict`` (e.g. start/end percent) into the options."""
         cond, pooled = self.encode_from_tokens(tokens, return_pooled=True)
-        return [[cond, {"pooled_output": pooled}]]
+        return [[cond, {"pooled_output": pooled, **(add_dict or {})}]]

@@ -101,6 +101,17 @@ def test_missing_model_names_the_folder_to_put_it_in(env, inputs, where):
     with pytest.raises(env.core("errors", "ModelFileMissingError")) as error:
         env.node("AdaFaceLoader").load(*inputs, "auto")
     assert str(env.models / where) in str(error.value)
+    # ComfyUI validates a queued workflow before running it: the same message, instead of "not in list".
+    loader = env.pack.NODE_CLASS_MAPPINGS["AdaFaceLoader"]
+    assert loader.VALIDATE_INPUTS(*inputs) == str(error.value)
+    assert loader.VALIDATE_INPUTS(INVERTER, ARC2FACE, FACES) is True
+
+
+def test_auto_face_provider_follows_comfyuis_device(env):
+    onnx_provider = env.module("nodes.loader").onnx_provider
+    assert onnx_provider("auto", torch.device("cpu")) == "cpu"  # python main.py --cpu
+    assert onnx_provider("auto", torch.device("cuda", 0)) == "auto"
+    assert onnx_provider("CUDA", torch.device("cpu")) == "cuda"  # an explicit choice is kept
 
 
 def test_registration_keeps_extra_model_paths_entries(tiny_models, tmp_path):
@@ -136,8 +147,12 @@ def test_same_photos_are_analysed_once(env, adaface, monkeypatch):
     monkeypatch.setattr(adaface.subjects.faces, "identity", lambda *a, **k: calls.append(1) or analyse(*a, **k))
     node = env.node("AdaFaceFaceEmbed")
     first = node.embed(adaface, photo(corner=40))[0]
+    loads = []
+    management = env.module("comfy.model_management")
+    monkeypatch.setattr(management, "load_models_gpu", lambda models, **options: loads.append(options))
     second = node.embed(adaface, photo(corner=40))[0]
     assert len(calls) == 1 and torch.equal(first.tokens, second.tokens)
+    assert loads == []  # a cache hit moves no model onto the GPU
     node.embed(adaface, photo(corner=100))
     assert len(calls) == 2
 
@@ -264,10 +279,23 @@ def test_teacher_sampler_gives_a_deterministic_latent_and_reports_progress(env, 
 
 
 def test_teacher_sampler_stops_when_comfyui_is_interrupted(env, adaface, subject):
-    management = env.module("comfy.model_management")
-    management.interrupt_current_processing()
-    with pytest.raises(management.InterruptProcessingException):
-        env.node("AdaFaceTeacherSampler").sample(adaface, subject, 0, 2, 3.0, 64, 64, 1)
+    """ComfyUI's samplers never check for interrupts: the server's progress hook does, at each step."""
+    management, utils = env.module("comfy.model_management"), env.module("comfy.utils")
+    steps = []
+
+    def server_hook(value, total, preview, node_id=None):  # what ComfyUI's main.py installs
+        steps.append(value)
+        management.throw_exception_if_processing_interrupted()
+        if value == 1:
+            management.interrupt_current_processing()  # the artist presses Cancel during step 2
+
+    utils.set_progress_bar_global_hook(server_hook)
+    try:
+        with pytest.raises(management.InterruptProcessingException):
+            env.node("AdaFaceTeacherSampler").sample(adaface, subject, 0, 5, 3.0, 64, 64, 1)
+    finally:
+        utils.set_progress_bar_global_hook(None)
+    assert steps == [1, 2]
 
 
 def test_teacher_without_the_arc2face_unet_says_where_to_put_it(env, adaface, subject, tmp_path):

@@ -11,13 +11,13 @@ from comfy_env import comfy_env
 DISPLAY_NAMES = {
     "AdaFaceLoader": "Load AdaFace",
     "AdaFaceFaceEmbed": "Face → ID Embedding",
-    "AdaFaceInjectSubject": "Inject Subject Tokens",
+    "AdaFaceInjectSubject": "Inject Subject Tokens into CLIP conditioning",
     "AdaFaceTeacherSampler": "Arc2Face Teacher Sampler",
     "AdaFaceSaveEmbedding": "Save AdaFace Embedding",
     "AdaFaceMixSubjects": "Mix Subject Embeddings",
 }
 
-# notes/node_spec.md: inputs in widget order (required, then optional), and the outputs.
+# Inputs in widget order (required, then optional): the saved workflows' widgets_values follow it.
 INPUTS = {
     "AdaFaceLoader": (["inverter", "arc2face", "face_models", "provider"], []),
     "AdaFaceFaceEmbed": (["adaface", "image"], []),

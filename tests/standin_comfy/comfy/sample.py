@@ -2,8 +2,9 @@
 
 ``sample`` runs diffusers' ``DPMSolverMultistepScheduler`` (DPM-Solver++ 2M, timesteps spaced
 evenly from 999: what ComfyUI's ``dpmpp_2m`` sampler with the ``sgm_uniform`` scheduler computes)
-on the SD1.5 noise schedule, with classifier-free guidance, checking for interrupts and calling
-``callback(step, x0, x, total_steps)`` once per step as ComfyUI's samplers do. Like ComfyUI it
+on the SD1.5 noise schedule, with classifier-free guidance, calling ``callback(step, x0, x, total_steps)``
+once per step as ComfyUI's samplers do (like them it never checks for interrupts itself: the
+server's progress hook does, through the callback's progress bar). Like ComfyUI it
 returns latents in the VAE's own scale (divided by SD1's 0.18215). Only full denoising from an
 empty latent and one conditioning entry per side are supported: all the nodes use.
 """
@@ -55,7 +56,6 @@ def sample(model, noise, steps, cfg, sampler_name, scheduler, positive, negative
     x = noise.to(device, dtype) * solver.init_noise_sigma
     alphas = solver.alphas_cumprod.to(device)
     for step, t in enumerate(solver.timesteps):
-        model_management.throw_exception_if_processing_interrupted()
         eps_uncond, eps_cond = unet(torch.cat([x, x]), t, encoder_hidden_states=context).sample.chunk(2)
         eps = eps_uncond + cfg * (eps_cond - eps_uncond)
         alpha = alphas[int(t)]
