@@ -27,6 +27,19 @@ def test_paper_config_loads_with_the_paper_settings():
     assert len(face.expansion.factors) == 2 and final == [8, 8, 8] + [4] * 9
 
 
+def test_stage2_takes_its_own_paper_defaults_and_the_paper_config_pins_them():
+    """A composition section that leaves values out gets stage 2's (paper §3.1), not stage 1's."""
+    bare = config_from_dict({"stage": "both", "composition": {"optim": {"lr": 0.5}}})
+    stage2 = bare.composition
+    assert (stage2.max_steps, stage2.optim.d_coef, stage2.optim.batch_size, stage2.optim.grad_accum) == (120000, 0.5, 3, 2)
+    assert stage2.optim.lr == 0.5 and stage2.optim.optimizer == "prodigy" and not stage2.expansion.enabled
+    assert (bare.face.max_steps, bare.face.optim.d_coef, bare.face.optim.batch_size) == (240000, 2.0, 4)
+    paper = load_config(REPO / "trainer" / "configs" / "paper_both.yaml").validate(check_paths=False)
+    o = paper.composition.optim
+    assert (paper.composition.max_steps, o.optimizer, o.d_coef, o.batch_size, o.grad_accum) == (120000, "prodigy", 0.5, 3, 2)
+    assert paper.run.gradient_checkpointing and paper.run.mixed_precision == "bf16"
+
+
 def test_paper_config_without_models_names_each_missing_path(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the relative model paths resolve against an empty folder
     config = load_config(PAPER)

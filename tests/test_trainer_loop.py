@@ -108,6 +108,42 @@ def test_expansion_through_the_trainer_keeps_the_output_at_zero_noise(models_roo
     assert old_params != {id(p) for p in new_params}
 
 
+def test_an_expansion_keeps_the_optimizer_state_of_the_parameters_that_survive(models_root, tmp_path):
+    config = config_from_dict(make_config(models_root, tmp_path, optim={"optimizer": "prodigy", "batch_size": 2, "grad_accum": 1},
+                                          expansion={"factors": [[2, 1, 1]], "perturb_std": 0.0}))
+    accelerator = Accelerator(cpu=True)
+    models = build_models(config, torch.device("cpu"), need_vae=False)
+    stage = build_face_stage(config, config.face, models, accelerator, tmp_path)
+    trainer = Trainer(stage, config.face, models, accelerator, tmp_path / "face", show_progress=False, tensorboard=False)
+    trainer.train_step()
+    trainer.train_step()
+    old = trainer.optimizer
+    kept = trainer.inverter.clip.encoder.layers[0].self_attn.q_proj.weight
+    replaced = trainer.inverter.clip.encoder.layers[0].self_attn.k_proj.weight
+    trainer._expand([2, 1, 1])
+    new = trainer.optimizer
+    assert new.state[kept] is old.state[kept]  # moments and Prodigy's running sums of untouched weights
+    grown = trainer.inverter.clip.encoder.layers[0].self_attn.k_proj.weight
+    assert grown is not replaced and grown not in new.state  # the grown projection starts fresh
+    for key in ("d", "d_max", "d_numerator", "k"):
+        assert new.param_groups[0][key] == old.param_groups[0][key], key
+    trainer.train_step()  # and it trains on
+
+
+def test_a_checkpoint_of_the_other_stage_is_not_resumed(models_root, tmp_path, caplog):
+    """--stage both --resume <a stage-1 folder>: stage 2 must not take stage 1's step counter and optimizer."""
+    first = run_cli(write_config(tmp_path / "a.yaml", make_config(models_root, tmp_path / "a", max_steps=3)))
+    config = config_from_dict(make_config(models_root, tmp_path / "b"))
+    accelerator = Accelerator(cpu=True)
+    models = build_models(config, torch.device("cpu"), need_vae=False)
+    stage = build_face_stage(config, config.face, models, accelerator, tmp_path)
+    stage.name = "composition"  # any stage other than the checkpoint's
+    trainer = Trainer(stage, config.face, models, accelerator, tmp_path / "b" / "composition",
+                      resume=first.stages[0].final_checkpoint.parent, show_progress=False, tensorboard=False)
+    assert trainer.step == 0
+    assert "is a face checkpoint; the composition stage starts from the beginning" in caplog.text
+
+
 def test_n_steps_resume_n_steps_equals_2n_steps(models_root, tmp_path):
     straight = write_config(tmp_path / "straight.yaml", make_config(models_root, tmp_path / "straight"))
     result = run_cli(straight)

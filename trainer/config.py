@@ -244,8 +244,28 @@ def _convert(hint: Any, value: Any, where: str) -> Any:
     return value
 
 
+COMPOSITION_DEFAULTS: dict[str, Any] = {
+    "max_steps": 120000,
+    "optim": {"d_coef": 0.5, "batch_size": 3, "grad_accum": 2},
+    "expansion": {"enabled": False},
+}
+"""Stage 2's own defaults (paper §3.1), under whatever a ``composition:`` section leaves out: stage 1's
+(240k steps, d_coef 2, batch 4, expansion) would be wrong for it."""
+
+
+def _with_defaults(defaults: dict[str, Any], values: Any) -> Any:
+    if not isinstance(values, dict):
+        return values
+    merged = dict(defaults)
+    for key, value in values.items():
+        merged[key] = _with_defaults(defaults[key], value) if isinstance(defaults.get(key), dict) else value
+    return merged
+
+
 def config_from_dict(values: dict, base_dir: Optional[Path] = None) -> TrainConfig:
     """A configuration from a mapping; relative paths resolve against ``base_dir`` (the YAML's folder)."""
+    if isinstance(values, dict) and values.get("composition") is not None:
+        values = dict(values, composition=_with_defaults(COMPOSITION_DEFAULTS, values["composition"]))
     config = _build(TrainConfig, values, "")
     if base_dir is not None:
         for obj, attr in ((config.models, "sd15"), (config.models, "arc2face"), (config.models, "face_pack"),

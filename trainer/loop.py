@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,17 +67,30 @@ def build_optimizer(params: list[torch.nn.Parameter], config: OptimConfig, previ
 
         optimizer = Prodigy(params, lr=config.lr, d_coef=config.d_coef, weight_decay=config.weight_decay,
                             betas=tuple(config.betas))
-        if previous is not None:
-            # Keep Prodigy's learned step size across an expansion; the new parameters start fresh.
-            for new, old in zip(optimizer.param_groups, previous.param_groups):
-                for key in ("d", "d_max"):
-                    if key in old:
-                        new[key] = old[key]
     elif config.optimizer == "adamw":
         optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, betas=tuple(config.betas))
     else:
         raise ConfigError(f"unknown optimizer {config.optimizer!r} (prodigy or adamw)")
+    if previous is not None:
+        carry_optimizer_state(previous, optimizer)
     return optimizer
+
+
+PRODIGY_GROUP_STATE = ("d", "d_max", "d_numerator", "k")
+"""Prodigy's learned step size and its running sums live in the param group, not per parameter."""
+
+
+def carry_optimizer_state(old: torch.optim.Optimizer, new: torch.optim.Optimizer) -> None:
+    """After an expansion: parameters that survived keep their moments (and Prodigy its step-size
+    estimate); only the replaced key/value projections start fresh."""
+    for group in new.param_groups:
+        for param in group["params"]:
+            if param in old.state:
+                new.state[param] = old.state[param]
+    for new_group, old_group in zip(new.param_groups, old.param_groups):
+        for key in PRODIGY_GROUP_STATE:
+            if key in old_group and key in new_group:
+                new_group[key] = old_group[key]
 
 
 def build_lr_scheduler(optimizer, config: OptimConfig, step: int):
@@ -139,8 +153,13 @@ class Trainer:
         checkpoint = find_resume_checkpoint(resume, stage.name) if resume is not None else None
         if resume is not None and checkpoint is None:
             logger.warning("--resume %s: no %s checkpoint there; starting this stage from the beginning", resume, stage.name)
-        if checkpoint is not None:
-            loaded = load_checkpoint(checkpoint, accelerator.process_index)
+        loaded = load_checkpoint(checkpoint, accelerator.process_index) if checkpoint is not None else None
+        if loaded is not None and loaded.state.get("stage") != stage.name:
+            # e.g. --stage both --resume <a stage-1 folder>: stage 2 must not take stage 1's step and optimizer
+            logger.warning("--resume %s: %s is a %s checkpoint; the %s stage starts from the beginning",
+                           resume, checkpoint, loaded.state.get("stage"), stage.name)
+            checkpoint = loaded = None
+        if loaded is not None:
             models.inverter = loaded.inverter.float().to(models.device)
             models.inverter.freeze_embeddings()
             self.step = int(loaded.state["step"])
@@ -151,7 +170,7 @@ class Trainer:
         self.expansion.check(models.inverter)
         self.optimizer = build_optimizer(trainable_parameters(models.inverter), stage_config.optim)
         self.lr_scheduler = build_lr_scheduler(self.optimizer, stage_config.optim, self.step)
-        if checkpoint is not None:
+        if loaded is not None:
             self.optimizer.load_state_dict(loaded.state["optimizer"])
             self.lr_scheduler.load_state_dict(loaded.state["lr_scheduler"])
         if rng is not None:
@@ -217,8 +236,6 @@ class Trainer:
         log = TrainLogger(self.stage_dir, self.stage.name, self.step, max_steps, self.accelerator.is_main_process,
                           self.tensorboard, self.show_progress)
         losses: list[float] = []
-        import time
-
         start = time.perf_counter()
         start_step = self.step
         last_saved: Optional[Path] = None

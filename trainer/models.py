@@ -97,6 +97,10 @@ def build_inverter(config: TrainConfig, text_encoder: ClipTextTransformer) -> Pr
         inv_cfg = InverterConfig(clip=clip_cfg, attention_multipliers=[1] * clip_cfg.num_hidden_layers)
         inverter = PromptInverter.from_clip(text_encoder, inv_cfg)
         logger.info("fresh inverter initialised from the SD1.5 text encoder (OpenAI CLIP-L weights)")
+        if config.stage == "composition":
+            logger.warning("stage 2 alone, with no models.init_inverter: it starts from an untrained inverter "
+                           "(unless --resume finds a stage-2 checkpoint); point init_inverter at stage 1's "
+                           "adaface_inverter.safetensors, or run --stage both")
     inverter.freeze_embeddings()
     return inverter.float().train()
 

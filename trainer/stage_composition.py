@@ -59,6 +59,10 @@ class CompositionSettings:
     heldout_seed: int = 4321
     face_loss_bound: float = 1.5
     """Held-out face loss after stage 2 may be at most this times the loss before (warned, and reported)."""
+    random_id_prob: float = 0.0
+    """Share of random IDs among the training samples when there are photos (paper §2.4: stage 2 trains on
+    face photos with their masks; a random ID has neither, so its face-preserving term covers the whole image).
+    Without photos every ID is random."""
 
     @property
     def layers(self) -> Union[str, list[str]]:
@@ -67,10 +71,12 @@ class CompositionSettings:
 
 def composition_settings(stage_config: StageConfig) -> CompositionSettings:
     settings = section_from_mapping(CompositionSettings, stage_config.extra, "composition.extra")
-    if not 0.0 <= settings.t_range[0] <= settings.t_range[1] <= 1.0:
-        from adaface_core.errors import ConfigError
+    from adaface_core.errors import ConfigError
 
+    if not 0.0 <= settings.t_range[0] <= settings.t_range[1] <= 1.0:
         raise ConfigError(f"composition.extra.t_range must be a range inside [0, 1], got {settings.t_range}")
+    if not 0.0 <= settings.random_id_prob <= 1.0:
+        raise ConfigError(f"composition.extra.random_id_prob must be in [0, 1], got {settings.random_id_prob}")
     return settings
 
 
@@ -176,14 +182,10 @@ class CompositionStage:
 
 def build_stage(config: TrainConfig, stage_config: StageConfig, models: Models, accelerator, output: Path) -> CompositionStage:
     settings = composition_settings(stage_config)
-    face_space = build_face_space(config, models, accelerator, output)
+    face_space = build_face_space(config, models, accelerator, output, settings.random_id_prob)
     if face_space.images is not None and config.models.face_pack:
-        boxes = output / "face_boxes.json"
-        if accelerator.is_main_process:  # process 0 runs the detector and caches; the others read the cache
-            attach_detector_masks(face_space.images, face_analyzer_factory(config), boxes)
-        accelerator.wait_for_everyone()
-        if not accelerator.is_main_process:
-            attach_detector_masks(face_space.images, face_analyzer_factory(config), boxes)
+        with accelerator.main_process_first():  # process 0 runs the detector and caches; the others read the cache
+            attach_detector_masks(face_space.images, face_analyzer_factory(config), output / "face_boxes.json")
     pool, heldout_pool = split_pool(load_composition_pool(settings.composition_files), settings.heldout_compositions)
     latent = config.data.image_size // vae_downsampling(models)
     face_loss = FaceDistillationLoss(config.face.loss, latent)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 import logging
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 from adaface_core.errors import ConfigError
 
@@ -48,7 +48,10 @@ def face_analyzer_factory(config: TrainConfig) -> Callable[[], object]:
     return factory
 
 
-def build_face_space(config: TrainConfig, models: Models, accelerator, output: Path) -> FaceSpace:
+def build_face_space(config: TrainConfig, models: Models, accelerator, output: Path,
+                     random_id_prob: Optional[float] = None) -> FaceSpace:
+    """Real photos' IDs (process 0 computes and caches them first) and random IDs with ``random_id_prob``
+    (default ``data.random_id_prob``)."""
     data = config.data
     images = None
     if data.root:
@@ -57,15 +60,13 @@ def build_face_space(config: TrainConfig, models: Models, accelerator, output: P
                               "images need the face models (antelopev2 folder)")
         cache = Path(data.cache_file) if data.cache_file else output / "face_ids.safetensors"
         analyzer_factory = face_analyzer_factory(config)
-        # Process 0 computes (and caches) the vectors; the others then read the cache.
-        if accelerator.is_main_process:
-            images = load_face_images(Path(data.root), data.image_size, cache, analyzer_factory, output / "no_face.txt")
-        accelerator.wait_for_everyone()
-        if not accelerator.is_main_process:
-            images = load_face_images(Path(data.root), data.image_size, cache, analyzer_factory, None)
+        with accelerator.main_process_first():  # process 0 computes and caches; the others read the cache
+            skipped = output / "no_face.txt" if accelerator.is_main_process else None
+            images = load_face_images(Path(data.root), data.image_size, cache, analyzer_factory, skipped)
     else:
-        logger.info("no data.root: stage 1 trains on random IDs only (the teacher makes its own images)")
-    return FaceSpace(images, models.id_dim, data.random_id_prob, data.id_noise_std, seed=config.run.seed)
+        logger.info("no data.root: training on random IDs only (the teacher makes its own images)")
+    prob = data.random_id_prob if random_id_prob is None else random_id_prob
+    return FaceSpace(images, models.id_dim, prob, data.id_noise_std, seed=config.run.seed)
 
 
 def build_face_stage(config: TrainConfig, stage_config: StageConfig, models: Models, accelerator, output: Path) -> Stage:
