@@ -7,8 +7,12 @@
   all plain tensors, numbers, strings, lists and dicts, written with ``torch.save`` and read back
   only with ``torch.load(weights_only=True)``;
 - ``rng_rank<r>.pt``: each process's RNG states (same rules).
-A checkpoint is written into ``.tmp-step_…`` and renamed into place as a whole, so a crash leaves
-either the complete folder or none (a stale temporary folder is deleted on the next start).
+A checkpoint is written into ``.tmp-step_…`` (files fsynced) and renamed into place as a whole, so a
+crash leaves either the complete folder or none (a stale temporary folder is deleted on the next start).
+Re-saving a step that already has a checkpoint (a resume at ``max_steps``) first moves the old folder
+to ``.old-step_…`` and deletes it only once the new one is in place: there is never a moment without a
+complete checkpoint. A crash in between leaves the old copy, which is still listed and which the next
+start renames back.
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ from adaface_core.inverter import PromptInverter
 logger = logging.getLogger(__name__)
 
 STEP_DIR = re.compile(r"^step_(\d{7,})$")
+ASIDE_PREFIX = ".old-"
+ASIDE_DIR = re.compile(r"^\.old-step_(\d{7,})$")
 INVERTER_FILE = "inverter.safetensors"
 STATE_FILE = "trainer_state.pt"
 STATE_FORMAT = "adaface-trainer-state"
@@ -70,30 +76,49 @@ def step_dir_name(step: int) -> str:
     return f"step_{step:07d}"
 
 
+def _complete(folder: Path) -> bool:
+    return (folder / INVERTER_FILE).is_file() and (folder / STATE_FILE).is_file()
+
+
 def list_checkpoints(checkpoints_dir: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints (both files present), oldest first."""
-    found = []
+    """Complete checkpoints (both files present), oldest first; a step whose folder is missing but whose
+    old copy was moved aside by an interrupted re-save is listed with that copy."""
+    found: dict[int, Path] = {}
     if checkpoints_dir.is_dir():
-        for child in checkpoints_dir.iterdir():
-            match = STEP_DIR.match(child.name)
-            if match and (child / INVERTER_FILE).is_file() and (child / STATE_FILE).is_file():
-                found.append((int(match.group(1)), child))
-    return sorted(found)
+        for child in sorted(checkpoints_dir.iterdir(), key=lambda c: c.name.startswith(".")):  # folders first
+            match = STEP_DIR.match(child.name) or ASIDE_DIR.match(child.name)
+            if match and _complete(child):
+                found.setdefault(int(match.group(1)), child)
+    return sorted(found.items())
 
 
 def clean_stale(checkpoints_dir: Path) -> None:
-    """Removes half-written checkpoint folders a crash left behind (ours only: ``.tmp-step_*``)."""
-    if checkpoints_dir.is_dir():
-        for child in checkpoints_dir.iterdir():
-            if child.name.startswith(".tmp-step_") and child.is_dir():
-                logger.warning("removing an incomplete checkpoint left by an interrupted run: %s", child)
-                shutil.rmtree(child, ignore_errors=True)
+    """Repairs what a crash during a save left (ours only): a ``.tmp-step_*`` folder is deleted; an
+    ``.old-step_*`` copy is renamed back when its step has no complete folder, else deleted."""
+    if not checkpoints_dir.is_dir():
+        return
+    for child in checkpoints_dir.iterdir():
+        if ASIDE_DIR.match(child.name) and child.is_dir():
+            _settle_aside(child, checkpoints_dir / child.name[len(ASIDE_PREFIX):])
+    for child in checkpoints_dir.iterdir():
+        if child.name.startswith(".tmp-step_") and child.is_dir():
+            logger.warning("removing an incomplete checkpoint left by an interrupted run: %s", child)
+            shutil.rmtree(child, ignore_errors=True)
+
+
+def _settle_aside(aside: Path, final: Path) -> None:
+    if _complete(final) or not _complete(aside):
+        shutil.rmtree(aside, ignore_errors=True)
+        return
+    logger.warning("an interrupted re-save left %s without its checkpoint: restoring the previous copy", final.name)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(aside, final)
 
 
 def find_resume_checkpoint(path: Union[str, Path], stage: str) -> Optional[Path]:
     """``path`` may be a run's output folder, a stage folder, its ``checkpoints/`` folder or one ``step_*`` folder."""
     path = Path(path)
-    if STEP_DIR.match(path.name) and (path / STATE_FILE).is_file():
+    if (STEP_DIR.match(path.name) or ASIDE_DIR.match(path.name)) and (path / STATE_FILE).is_file():
         return path
     for candidate in (path / stage / "checkpoints", path / "checkpoints", path):
         found = list_checkpoints(candidate)
@@ -134,10 +159,8 @@ def save_checkpoint(
         meta.update(metadata or {})
         save_inverter(inverter, tmp / INVERTER_FILE, meta)
         torch.save(dict(state, format=STATE_FORMAT, step=step), tmp / STATE_FILE)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(checkpoints_dir)
+        _fsync_tree(tmp)
+        _move_into_place(tmp, final)
         for _, old in list_checkpoints(checkpoints_dir)[:-keep_last] if keep_last > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
         logger.debug("checkpoint written: %s", final)
@@ -145,7 +168,44 @@ def save_checkpoint(
     return final
 
 
+def _move_into_place(tmp: Path, final: Path) -> None:
+    """Renames the complete ``tmp`` to ``final``; an existing ``final`` is moved aside first and deleted
+    only after, so a kill at any point leaves a complete checkpoint of this step (see ``clean_stale``)."""
+    aside = final.with_name(ASIDE_PREFIX + final.name)
+    if final.exists():
+        shutil.rmtree(aside, ignore_errors=True)  # a leftover whose step has a folder again
+        os.replace(final, aside)
+        _fsync_dir(final.parent)
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def _fsync_tree(folder: Path) -> None:
+    """Puts the files on disk before the rename publishes them (else a power cut can publish empty files)."""
+    for child in folder.iterdir():
+        if child.is_file():
+            _fsync_file(child)
+    _fsync_dir(folder)
+
+
+def _fsync_file(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDWR | getattr(os, "O_BINARY", 0))  # Windows flushes writable handles only
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def _fsync_dir(folder: Path) -> None:
+    """Makes a rename in ``folder`` durable; POSIX only (Windows cannot open a folder to fsync it)."""
+    if os.name == "nt":
+        return
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:

@@ -6,12 +6,15 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
 from typing import Optional
 
 logger = logging.getLogger(__name__)
+
+CSV_HEADER = ["step", "loss", "lr", "multipliers", "seconds"]
 
 
 def setup_logging(level: int = logging.INFO) -> None:
@@ -23,6 +26,33 @@ def setup_logging(level: int = logging.INFO) -> None:
         handler._adaface_trainer = True  # type: ignore[attr-defined]
         root.addHandler(handler)
     root.setLevel(level)
+
+
+def _parse_row(row: list[str]) -> Optional[list[str]]:
+    """A complete data row; None for the header, a torn line or anything else."""
+    if len(row) != len(CSV_HEADER) or not row[0].isdigit():
+        return None
+    try:
+        float(row[1])
+    except ValueError:
+        return None
+    return row
+
+
+def _read_rows(path: Path, max_step: Optional[int] = None) -> list[list[str]]:
+    """The losses CSV's data rows by step, one per step (the last one logged wins), up to ``max_step``.
+
+    A last line without its newline was torn by a kill mid-write and is dropped."""
+    text = path.read_text(encoding="utf-8", errors="replace") if path.is_file() else ""
+    lines = text.splitlines(keepends=True)
+    if lines and not lines[-1].endswith(("\n", "\r")):
+        lines.pop()
+    by_step: dict[int, list[str]] = {}
+    for row in csv.reader(lines):
+        row = _parse_row(row)
+        if row is not None and (max_step is None or int(row[0]) <= max_step):
+            by_step[int(row[0])] = row
+    return [by_step[step] for step in sorted(by_step)]
 
 
 class TrainLogger:
@@ -41,13 +71,13 @@ class TrainLogger:
         if not enabled:
             return
         stage_dir.mkdir(parents=True, exist_ok=True)
-        if start_step > 0 and self.csv_path.is_file():
+        if self.csv_path.is_file():
             self._truncate_csv(start_step)
-        new = not self.csv_path.is_file()
+        new = not self.csv_path.is_file() or self.csv_path.stat().st_size == 0
         self._csv = self.csv_path.open("a", newline="", encoding="utf-8")
         self._csv_writer = csv.writer(self._csv)
         if new:
-            self._csv_writer.writerow(["step", "loss", "lr", "multipliers", "seconds"])
+            self._write_row(CSV_HEADER)
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -61,16 +91,24 @@ class TrainLogger:
             self._bar = tqdm(total=max_steps, initial=start_step, desc=stage, dynamic_ncols=True, file=sys.stderr)
 
     def _truncate_csv(self, step: int) -> None:
-        """After a resume, drop rows past the checkpoint (the steps that are being redone)."""
-        lines = self.csv_path.read_text(encoding="utf-8").splitlines(keepends=True)
-        kept = [lines[0]] + [l for l in lines[1:] if l.split(",")[0].isdigit() and int(l.split(",")[0]) <= step]
-        self.csv_path.write_text("".join(kept), encoding="utf-8")
+        """Keeps the rows up to the checkpoint being resumed from (the later steps are redone), once each,
+        under one header. Whatever a kill left is repaired: an empty file, no header, a torn last line."""
+        kept = _read_rows(self.csv_path, step)
+        tmp = self.csv_path.with_name(self.csv_path.name + ".tmp")
+        with tmp.open("w", newline="", encoding="utf-8") as handle:
+            csv.writer(handle).writerows([CSV_HEADER, *kept])
+        os.replace(tmp, self.csv_path)  # a kill now leaves the old file or the new one, never half of one
+
+    def _write_row(self, row: list) -> None:
+        """Written through at once: a SIGKILL must not take the buffered rows with it (rows come at log steps)."""
+        self._csv_writer.writerow(row)
+        self._csv.flush()
 
     def log(self, step: int, loss: float, lr: float, multipliers: list[int], metrics: Optional[dict] = None) -> None:
         if not self.enabled:
             return
         elapsed = time.perf_counter() - self._start
-        self._csv_writer.writerow([step, f"{loss:.6g}", f"{lr:.6g}", " ".join(map(str, multipliers)), f"{elapsed:.2f}"])
+        self._write_row([step, f"{loss:.6g}", f"{lr:.6g}", " ".join(map(str, multipliers)), f"{elapsed:.2f}"])
         if self._writer is not None:
             self._writer.add_scalar(f"{self.stage}/loss", loss, step)
             self._writer.add_scalar(f"{self.stage}/lr", lr, step)
@@ -96,7 +134,12 @@ class TrainLogger:
             self._csv.close()
         if self._writer is not None:
             self._writer.close()
-        return self.plot()
+        try:
+            return self.plot()
+        except Exception as exc:  # close() runs in the loop's `finally`: a figure must not cost the final checkpoint
+            logger.warning("could not draw the loss-curve PNG (the losses are in %s): %s: %s", self.csv_path,
+                           type(exc).__name__, exc)
+            return None
 
     def plot(self) -> Optional[Path]:
         try:
@@ -107,11 +150,8 @@ class TrainLogger:
         except Exception:
             logger.info("matplotlib not installed: no loss-curve PNG (the losses are in %s)", self.csv_path)
             return None
-        steps, losses = [], []
-        with self.csv_path.open(encoding="utf-8") as handle:
-            for row in csv.DictReader(handle):
-                steps.append(int(row["step"]))
-                losses.append(float(row["loss"]))
+        rows = _read_rows(self.csv_path)
+        steps, losses = [int(row[0]) for row in rows], [float(row[1]) for row in rows]
         if not steps:
             return None
         fig, ax = plt.subplots(figsize=(7, 4))
