@@ -193,6 +193,9 @@ def composition_step(
       sequence axis. None compares all positions as they are.
     Returns ``{"delta_attn_out", "delta_attn_map", "delta_prompt", "delta", "face_preserve", "loss"}``
     (terms with weight 0 are absent).
+
+    The UNet may run with gradient checkpointing on (every block keeps it): the capture only holds
+    references, so the caller's later ``backward`` recomputes the checkpointed blocks unchanged.
     """
     bsz = noisy_latents.shape[0]
     if prompt_embeds.shape[0] != 4 * bsz:
@@ -205,6 +208,8 @@ def composition_step(
         unet(latents, t, encoder_hidden_states=prompt_embeds, **(unet_kwargs or {}))
         feats = dict(cap.features)
     cap.clear()
+    if not feats:
+        raise RuntimeError("the UNet forward recorded no cross-attention features (was it called via __call__?)")
 
     delta: dict[str, list] = {"attn_out": [], "attn_map": [], "prompt": []}
     face: list[tuple[torch.Tensor, ...]] = []
