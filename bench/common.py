@@ -27,19 +27,10 @@ from adaface_core.tiny_models import TinySpec, unet_config  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
-# runwayml/stable-diffusion-v1-5 unet/config.json, architecture fields only (weights are random).
-SD15_UNET = {
-    "sample_size": 64,
-    "in_channels": 4,
-    "out_channels": 4,
-    "block_out_channels": [320, 640, 1280, 1280],
-    "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
-    "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
-    "layers_per_block": 2,
-    "cross_attention_dim": 768,
-    "attention_head_dim": 8,
-    "norm_num_groups": 32,
-}
+# SD1.5's UNet architecture, the trainer's shipped copy of runwayml/stable-diffusion-v1-5's unet/config.json
+# (weights are random).
+SD15_UNET = {k: v for k, v in json.loads((REPO / "trainer" / "sd15_configs" / "unet" / "config.json")
+                                         .read_text(encoding="utf-8")).items() if not k.startswith("_")}
 # CLIP-L text encoder (SD1.5's, Arc2Face's encoder and the inverter all share it); UNet widths are SD1.5's.
 FULL_SPEC = TinySpec(hidden_size=768, num_layers=12, num_heads=12, unet_channels=(320, 640, 1280, 1280))
 TINY_SPEC = TinySpec()

@@ -69,10 +69,10 @@ def test_config_errors_are_named():
         config_from_dict({"face": {"optim": {"optimizer": "sgd"}}}).validate(check_paths=False)
 
 
-def test_single_file_sd_checkpoint_gets_a_clear_error(tmp_path):
+def test_single_file_sd_checkpoint_without_a_tokenizer_says_which_to_add(tmp_path):
     ckpt = tmp_path / "v1-5.safetensors"
     ckpt.write_bytes(b"x")
-    with pytest.raises(ModelFileMissingError, match="diffusers"):
+    with pytest.raises(ModelFileMissingError, match="models.tokenizer"):
         config_from_dict({"models": {"sd15": str(ckpt)}}).validate()
 
 

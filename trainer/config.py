@@ -12,11 +12,21 @@ import yaml
 
 from adaface_core.errors import ConfigError, ModelFileMissingError
 
+from .single_file import is_single_file, tokenizer_paths
+from .single_file import required_paths as single_file_paths
+
 
 @dataclass
 class ModelsConfig:
     sd15: str = ""
-    """Diffusers SD1.5 folder (unet/ text_encoder/ tokenizer/ vae/ scheduler/)."""
+    """SD1.5: a diffusers folder (unet/ text_encoder/ tokenizer/ vae/ scheduler/) or a single-file
+    ``.safetensors``/``.ckpt`` checkpoint in the original LDM layout (the kind ComfyUI's checkpoints/ holds)."""
+    tokenizer: str = ""
+    """CLIP tokenizer folder (vocab.json + merges.txt): SD1.5's tokenizer/ or ComfyUI's comfy/sd1_tokenizer.
+    Required when sd15 is a single file (it holds none); for a folder '' = its tokenizer/."""
+    sd15_configs: str = ""
+    """Architecture configs of a single-file sd15 (unet/, vae/, text_encoder/ config.json);
+    '' = trainer/sd15_configs (SD1.5's own). Only an SD1.5-shaped variant needs its own."""
     arc2face: str = ""
     """FoivosPar/Arc2Face folder (encoder/ and arc2face/)."""
     face_pack: str = ""
@@ -156,12 +166,19 @@ class TrainConfig:
 
     def required_paths(self) -> list[tuple[str, Path]]:
         sd, a2f = Path(self.models.sd15 or "<unset>"), Path(self.models.arc2face or "<unset>")
-        paths = [
-            ("models.sd15 unet", sd / "unet" / "config.json"),
-            ("models.sd15 text_encoder", sd / "text_encoder" / "config.json"),
-            ("models.sd15 tokenizer", sd / "tokenizer" / "vocab.json"),
-            ("models.sd15 vae", sd / "vae" / "config.json"),
-            ("models.sd15 scheduler", sd / "scheduler" / "scheduler_config.json"),
+        if self.models.sd15 and is_single_file(self.models.sd15):
+            paths = single_file_paths(self.models.sd15, self.models.tokenizer, self.models.sd15_configs)
+        else:
+            tokenizer = [("models.tokenizer", path) for path in tokenizer_paths(self.models.tokenizer)] \
+                if self.models.tokenizer else [("models.sd15 tokenizer", sd / "tokenizer" / "vocab.json")]
+            paths = [
+                ("models.sd15 unet", sd / "unet" / "config.json"),
+                ("models.sd15 text_encoder", sd / "text_encoder" / "config.json"),
+                *tokenizer,
+                ("models.sd15 vae", sd / "vae" / "config.json"),
+                ("models.sd15 scheduler", sd / "scheduler" / "scheduler_config.json"),
+            ]
+        paths += [
             ("models.arc2face encoder", a2f / "encoder" / "config.json"),
             ("models.arc2face unet", a2f / "arc2face" / "config.json"),
         ]
@@ -174,12 +191,7 @@ class TrainConfig:
         return paths
 
     def check_paths(self) -> None:
-        if self.models.sd15 and Path(self.models.sd15).is_file():
-            raise ModelFileMissingError(
-                f"models.sd15 is a single file ({self.models.sd15}); the trainer reads a diffusers SD1.5 folder "
-                "(unet/ text_encoder/ tokenizer/ vae/ scheduler/). Convert it once with diffusers' "
-                "scripts/convert_original_stable_diffusion_to_diffusers.py, or point to a diffusers folder."
-            )
+        """One error naming every missing path (a single-file sd15 also needs models.tokenizer)."""
         missing = [f"{what}: {path}" for what, path in self.required_paths() if not path.exists()]
         if missing:
             raise ModelFileMissingError(
@@ -269,7 +281,8 @@ def config_from_dict(values: dict, base_dir: Optional[Path] = None) -> TrainConf
     config = _build(TrainConfig, values, "")
     if base_dir is not None:
         for obj, attr in ((config.models, "sd15"), (config.models, "arc2face"), (config.models, "face_pack"),
-                          (config.models, "init_inverter"), (config.data, "root"), (config.data, "cache_file")):
+                          (config.models, "init_inverter"), (config.models, "tokenizer"), (config.models, "sd15_configs"),
+                          (config.data, "root"), (config.data, "cache_file")):
             value = getattr(obj, attr)
             if value and not Path(value).expanduser().is_absolute():
                 setattr(obj, attr, str((base_dir / value).resolve()))

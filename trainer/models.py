@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import torch
 
@@ -19,6 +19,7 @@ from adaface_core.inverter import InverterConfig, PromptInverter
 from adaface_core.tokenizer import load_clip_tokenizer, single_token_id
 from adaface_core.weights import load_clip_text_folder
 
+from . import single_file
 from .config import TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -105,6 +106,55 @@ def build_inverter(config: TrainConfig, text_encoder: ClipTextTransformer) -> Pr
     return inverter.float().train()
 
 
+class Sd15Parts(NamedTuple):
+    """The student body and what goes with it, whichever layout SD1.5 came in."""
+
+    tokenizer: Any
+    text_encoder: ClipTextTransformer
+    unet: torch.nn.Module
+    vae: Optional[torch.nn.Module]
+    scheduler: Any
+
+
+def _load_sd15_folder(config: TrainConfig, frozen_dtype: torch.dtype, need_vae: bool) -> Sd15Parts:
+    """A diffusers SD1.5 folder (unet/ text_encoder/ tokenizer/ vae/ scheduler/); models.tokenizer may override."""
+    from diffusers import AutoencoderKL, DDPMScheduler
+
+    sd = Path(config.models.sd15)
+    return Sd15Parts(
+        tokenizer=load_clip_tokenizer(config.models.tokenizer or sd / "tokenizer"),
+        text_encoder=load_clip_text_folder(sd / "text_encoder"),
+        unet=_load_unet(sd / "unet", "SD1.5", frozen_dtype),
+        vae=AutoencoderKL.from_pretrained(str(sd / "vae"), local_files_only=True, torch_dtype=torch.float32)
+        if need_vae else None,
+        scheduler=DDPMScheduler.from_pretrained(str(sd / "scheduler"), local_files_only=True),
+    )
+
+
+def _load_sd15_single_file(config: TrainConfig, frozen_dtype: torch.dtype, need_vae: bool) -> Sd15Parts:
+    """An LDM-layout single file, read once; architecture configs from models.sd15_configs or the shipped SD1.5 ones."""
+    if not config.models.tokenizer:
+        raise ModelFileMissingError(f"models.sd15 is a single file ({config.models.sd15}): {single_file.TOKENIZER_HELP}")
+    tokenizer = load_clip_tokenizer(config.models.tokenizer)
+    configs = single_file.config_folder(config.models.sd15_configs)
+    parts = single_file.read_sd15_file(config.models.sd15)
+    logger.info("SD1.5 from the single file %s (architecture configs: %s)", parts.path, configs)
+    return Sd15Parts(
+        tokenizer=tokenizer,
+        text_encoder=single_file.load_text_encoder(parts, configs),
+        unet=single_file.load_unet(parts, configs, frozen_dtype),
+        vae=single_file.load_vae(parts, configs) if need_vae else None,
+        scheduler=single_file.sd15_scheduler(),
+    )
+
+
+def load_sd15(config: TrainConfig, frozen_dtype: torch.dtype = torch.float32, need_vae: bool = True) -> Sd15Parts:
+    """SD1.5 from a diffusers folder or a single-file checkpoint, never from a hub."""
+    if single_file.is_single_file(config.models.sd15):
+        return _load_sd15_single_file(config, frozen_dtype, need_vae)
+    return _load_sd15_folder(config, frozen_dtype, need_vae)
+
+
 def build_models(
     config: TrainConfig,
     device: torch.device,
@@ -112,25 +162,18 @@ def build_models(
     need_teacher: bool = True,
     need_vae: bool = True,
 ) -> Models:
-    """Loads everything from local folders (never a hub) and freezes all but the inverter."""
-    from diffusers import AutoencoderKL, DDPMScheduler
-
-    sd, a2f = Path(config.models.sd15), Path(config.models.arc2face)
-    if sd.is_file():
-        config.check_paths()  # raises the single-file explanation
-    tokenizer = load_clip_tokenizer(sd / "tokenizer")
-    text_encoder = load_clip_text_folder(sd / "text_encoder")
-    inverter = build_inverter(config, text_encoder)
+    """Loads everything from local files (never a hub) and freezes all but the inverter."""
+    a2f = Path(config.models.arc2face)
+    sd15 = load_sd15(config, frozen_dtype, need_vae)
+    inverter = build_inverter(config, sd15.text_encoder)
     models = Models(
-        tokenizer=tokenizer,
-        text_encoder=_frozen(text_encoder, device, frozen_dtype),
-        unet=_frozen(_load_unet(sd / "unet", "SD1.5", frozen_dtype), device, frozen_dtype),
-        vae=_frozen(AutoencoderKL.from_pretrained(str(sd / "vae"), local_files_only=True, torch_dtype=torch.float32),
-                    device, torch.float32)
-        if need_vae else None,
-        scheduler=DDPMScheduler.from_pretrained(str(sd / "scheduler"), local_files_only=True),
+        tokenizer=sd15.tokenizer,
+        text_encoder=_frozen(sd15.text_encoder, device, frozen_dtype),
+        unet=_frozen(sd15.unet, device, frozen_dtype),
+        vae=_frozen(sd15.vae, device, torch.float32) if sd15.vae is not None else None,
+        scheduler=sd15.scheduler,
         teacher_unet=_frozen(_load_unet(a2f / "arc2face", "Arc2Face", frozen_dtype), device, frozen_dtype) if need_teacher else None,
-        id_encoder=_frozen(Arc2FaceEncoder.from_folder(a2f / "encoder", tokenizer), device, frozen_dtype),
+        id_encoder=_frozen(Arc2FaceEncoder.from_folder(a2f / "encoder", sd15.tokenizer), device, frozen_dtype),
         inverter=inverter.to(device),
         device=device,
         frozen_dtype=frozen_dtype,
