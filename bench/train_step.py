@@ -29,6 +29,7 @@ from trainer.config import OptimConfig, StageConfig, TrainConfig  # noqa: E402
 from trainer.loop import Trainer  # noqa: E402
 from trainer.models import Models, _frozen, build_inverter  # noqa: E402
 from trainer.run import make_accelerator  # noqa: E402
+from trainer.speed import apply_speed_options  # noqa: E402
 from trainer.stages import get_stage_builder  # noqa: E402
 
 PAPER_STEPS = {"face": 240_000, "composition": 120_000}
@@ -70,9 +71,11 @@ def bench_stage(name: str, args, device: torch.device, tmp: Path) -> dict:
     else:
         config.composition = stage_config
     accelerator = make_accelerator(config)
+    config.run.gradient_checkpointing = args.gradient_checkpointing
+    config.run.channels_last = args.channels_last
+    config.run.compile = args.compile
     models = build_random_models(config, accelerator.device, args.tiny, tmp)
-    if args.gradient_checkpointing:
-        models.unet.enable_gradient_checkpointing()
+    apply_speed_options(models, config.run)  # the trainer's own switches
     stage = get_stage_builder(name)(config, stage_config, models, accelerator, tmp / name)
     trainer = Trainer(stage, stage_config, models, accelerator, tmp / name, tensorboard=False, show_progress=False)
 
@@ -92,6 +95,7 @@ def bench_stage(name: str, args, device: torch.device, tmp: Path) -> dict:
         "achieved_tflops": round(tflops, 3), "mfu_pct": round(100 * tflops / args.peak_tflops, 2),
         "peak_gib": peak, "frozen_dtype": str(models.frozen_dtype), "mixed_precision": accelerator.mixed_precision,
         "gradient_checkpointing": args.gradient_checkpointing, "optimizer": args.optimizer,
+        "channels_last": args.channels_last, "compile": args.compile,
         "paper_schedule_hours": round(PAPER_STEPS[name] * seconds / 3600, 1),
     }
     del trainer, models
@@ -108,6 +112,9 @@ def main(argv: list[str] | None = None) -> dict:
                         help="micro-batches per optimizer step (2, as trainer/configs/paper_both.yaml)")
     parser.add_argument("--optimizer", default="prodigy", choices=["prodigy", "adamw"])
     parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--channels-last", action="store_true", help="frozen UNets in channels-last layout")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the frozen UNets (warm-up then includes compiling: raise --warmup)")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense peak of the dtype (H100 SXM bf16: 989)")
     parser.set_defaults(warmup=2, repeats=5)
     args = parser.parse_args(argv)

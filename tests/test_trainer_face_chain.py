@@ -219,22 +219,25 @@ def test_later_steps_renoise_the_teachers_x0_estimate_with_fresh_noise(models, t
     xs = [c.x for c in rec.student]
     ts = [c.t for c in rec.student]
 
-    # Random IDs: x0 is the teacher's one-step estimate from pure noise at t = T-1 (same CFG as the chain).
+    # Random IDs, and only they: x0 is the teacher's one-step estimate from pure noise at t = T-1
+    # (same CFG as the chain); the photo rows never run that extra teacher pass.
+    random_rows = (~batch.has_image).nonzero().flatten()
+    r = len(random_rows)
     assert len(rec.teacher) == k + 1
     pre, pre_eps = rec.teacher[0], rec.teacher_eps[0]
     T = models.num_train_timesteps
-    t_top = torch.full((b,), T - 1, dtype=torch.long)
-    assert torch.equal(pre.t[-b:], t_top)
-    pure = _match_draw(rec, lambda n: torch.equal(pre.x[-b:], n), shape)
+    t_top = torch.full((r,), T - 1, dtype=torch.long)
+    assert torch.equal(pre.t[-r:], t_top) and pre.x.shape[0] == (2 * r if cfg_prob == 1.0 else r)
+    pure = _match_draw(rec, lambda n: torch.equal(pre.x[-r:], n[random_rows]), shape)
     assert cfg_scales(rec, k, b).shape == (k, b)
     if cfg_prob == 1.0:
-        assert pre.x.shape[0] == 2 * b
         uncond, cond = pre.out.chunk(2)
-        s = cfg_scales(rec, k, b)[0]
+        s = cfg_scales(rec, k, b)[0][random_rows]
         assert torch.allclose(pre_eps, uncond + s.view(-1, 1, 1, 1) * (cond - uncond), atol=1e-4)
     else:
         assert torch.allclose(pre_eps, pre.out, atol=ATOL)
-    x0 = loss_fn.x0(models, pre.x[-b:], pre_eps, t_top)
+    x0 = torch.empty(shape)
+    x0[random_rows] = loss_fn.x0(models, pre.x[-r:], pre_eps, t_top)
     # Photos: x0 is the photo's VAE latent (posterior mean).
     x0[:2] = models.encode_images(batch.pixels[:2])
 
@@ -257,6 +260,14 @@ def test_later_steps_renoise_the_teachers_x0_estimate_with_fresh_noise(models, t
         x0_hat = ((xs[i - 1] - (1 - a_prev).sqrt() * teacher_eps[i - 1]) / a_prev.sqrt()).clamp(-5, 5)
         noise = (xs[i] - a.sqrt() * x0_hat) / (1 - a).sqrt()
         assert torch.allclose(noise, draws[used[i + 1]], atol=1e-3), i
+
+
+def test_a_batch_of_photos_runs_no_pure_noise_teacher_pass(models, tmp_path, monkeypatch):
+    k = 2
+    photos = _photo_batch(tmp_path, models, 255)
+    _, _, rec = run_loss(models, FaceDistillationLoss(FaceLossConfig(chain_steps=k, cfg_prob=1.0), LATENT),
+                         photos, 3, monkeypatch)
+    assert len(rec.teacher) == k  # the chain's teacher calls only
 
 
 def test_loss_is_the_sum_of_masked_mses_over_sqrt_k(models, tmp_path, monkeypatch):

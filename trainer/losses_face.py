@@ -39,7 +39,8 @@ class FaceDistillationLoss:
     def __init__(self, config: FaceLossConfig, latent_size: int):
         self.config = config
         self.latent_size = latent_size
-        self._negative: Optional[torch.Tensor] = None
+        self._negative: Optional[tuple[torch.nn.Module, torch.Tensor]] = None
+        """(the Arc2Face encoder it came from, its empty-prompt embedding): computed once per encoder."""
 
     def _alpha_bar(self, models: Models, t: torch.Tensor) -> torch.Tensor:
         return models.scheduler.alphas_cumprod.to(t.device)[t].float().view(-1, 1, 1, 1)
@@ -53,17 +54,49 @@ class FaceDistillationLoss:
         return ((x_t - (1 - ab).sqrt() * eps) / ab.sqrt()).clamp(-X0_CLAMP, X0_CLAMP)
 
     @torch.no_grad()
-    def teacher_eps(self, models: Models, x_t, t, context, cfg_scale: torch.Tensor) -> torch.Tensor:
+    def teacher_eps(self, models: Models, x_t, t, context, cfg_scale: Optional[torch.Tensor]) -> torch.Tensor:
+        """Teacher noise prediction; ``cfg_scale`` ``[B]`` (rows of 1 mean no guidance) or None for none at all.
+
+        None is decided on the host by the caller, so no device value is read back here."""
         unet, dtype = models.teacher_unet, models.frozen_dtype
-        if not bool((cfg_scale != 1.0).any()):
+        if cfg_scale is None:
             return unet(x_t.to(dtype), t, encoder_hidden_states=context.to(dtype)).sample.float()
-        if self._negative is None:
-            self._negative = models.id_encoder.empty_prompt_embeds().detach()
-        negative = self._negative.to(context).expand_as(context)
+        if self._negative is None or self._negative[0] is not models.id_encoder:
+            self._negative = (models.id_encoder, models.id_encoder.empty_prompt_embeds().detach())
+        negative = self._negative[1].to(context).expand_as(context)
         out = unet(torch.cat([x_t, x_t]).to(dtype), torch.cat([t, t]),
                    encoder_hidden_states=torch.cat([negative, context]).to(dtype)).sample.float()
         uncond, cond = out.chunk(2)
         return uncond + cfg_scale.view(-1, 1, 1, 1) * (cond - uncond)
+
+    @torch.no_grad()
+    def start_x0(self, models: Models, batch: FaceBatch, pure_noise: torch.Tensor, teacher_ctx: torch.Tensor,
+                 cfg_scale: Optional[torch.Tensor], use_masks: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x0 ``[B, 4, h, w]``, face mask ``[B, 1, h, w]``) a sample starts from.
+
+        A photo gives its VAE latent and its mask; a random ID the teacher's one-step estimate from
+        ``pure_noise`` at t = T-1 and the whole latent. Only the random rows run the teacher.
+        """
+        device, size = models.device, self.latent_size
+        b = pure_noise.shape[0]
+        has_image = batch.has_image if batch.pixels is not None else torch.zeros(b, dtype=torch.bool)
+        x0 = torch.zeros(b, 4, size, size, device=device)
+        mask = torch.ones(b, 1, size, size, device=device)
+        if not bool(has_image.all()):  # host tensors: no device sync
+            rows = (~has_image).nonzero().flatten().to(device)
+            noise = pure_noise[rows]
+            t_top = torch.full((len(rows),), models.num_train_timesteps - 1, dtype=torch.long, device=device)
+            scale = None if cfg_scale is None else cfg_scale[rows]
+            x0[rows] = self.x0(models, noise, self.teacher_eps(models, noise, t_top, teacher_ctx[rows], scale), t_top)
+        if bool(has_image.any()):
+            rows = has_image.nonzero().flatten()
+            latents = models.encode_images(batch.pixels[rows])
+            if latents.shape[-1] != size:
+                raise ValueError(f"VAE latents are {latents.shape[-1]} wide, expected {size}")
+            x0[rows.to(device)] = latents.to(x0)
+            if use_masks and batch.masks is not None:
+                mask[rows.to(device)] = downsample_mask(batch.masks[rows], (size, size)).to(device)
+        return x0, mask
 
     def __call__(self, models: Models, batch: FaceBatch, generator: torch.Generator):
         cfg, device = self.config, models.device
@@ -72,27 +105,17 @@ class FaceDistillationLoss:
         size = self.latent_size
         use_cfg = torch.rand(b, generator=generator) < cfg.cfg_prob
         cfg_scale = torch.where(use_cfg, _uniform(b, *cfg.cfg_scale, generator), torch.ones(b)).to(device)
+        if not bool(use_cfg.any()):  # a host tensor: no device sync
+            cfg_scale = None
         first_t = (_uniform(b, *cfg.first_t, generator) * (T - 1)).round().long()
-        ratios = [_uniform(b, *cfg.next_t_ratio, generator) for _ in range(cfg.chain_steps - 1)]
+        ratios = [_uniform(b, *cfg.next_t_ratio, generator).to(device) for _ in range(cfg.chain_steps - 1)]
         noises = [torch.randn(b, 4, size, size, generator=generator) for _ in range(cfg.chain_steps + 1)]
 
         with torch.no_grad():
             ids = batch.id_vectors.to(device, models.frozen_dtype)
             enc = models.id_encoder(ids)
             teacher_ctx, id_tokens = enc.prompt_embeds.detach(), enc.id_tokens.detach()
-            # x0: the photo's latent, or for random IDs the teacher's estimate from pure noise.
-            pure = noises[-1].to(device)
-            t_top = torch.full((b,), T - 1, dtype=torch.long, device=device)
-            x0 = self.x0(models, pure, self.teacher_eps(models, pure, t_top, teacher_ctx, cfg_scale), t_top)
-            mask = torch.ones(b, 1, size, size, device=device)
-            if batch.pixels is not None and bool(batch.has_image.any()):
-                rows = batch.has_image.nonzero().flatten()
-                latents = models.encode_images(batch.pixels[rows])
-                if latents.shape[-1] != size:
-                    raise ValueError(f"VAE latents are {latents.shape[-1]} wide, expected {size}")
-                x0[rows.to(device)] = latents.to(x0)
-                if cfg.use_masks and batch.masks is not None:
-                    mask[rows.to(device)] = downsample_mask(batch.masks[rows], (size, size)).to(device)
+            x0, mask = self.start_x0(models, batch, noises[-1].to(device), teacher_ctx, cfg_scale, cfg.use_masks)
 
         subject = models.inverter(id_tokens.float())
         student_ctx = models.encode_with_subject([cfg.student_prompt] * b, cfg.placeholder, subject)
@@ -110,10 +133,11 @@ class FaceDistillationLoss:
             if i + 1 < cfg.chain_steps:
                 with torch.no_grad():
                     x0 = self.x0(models, x_t, eps_teacher, t)
-                    t = (t.float().cpu() * ratios[i]).round().long().clamp_min(1).to(device)
+                    t = (t.float() * ratios[i]).round().long().clamp_min(1)
         loss = sum(losses) / math.sqrt(cfg.chain_steps)
-        metrics = {f"loss_t{i}": float(l.detach()) for i, l in enumerate(losses)}
-        metrics["random_id_frac"] = float((~batch.has_image).float().mean())
+        # Metrics stay tensors: the loop reads them back only at log steps (no sync per micro-batch).
+        metrics = {f"loss_t{i}": l.detach() for i, l in enumerate(losses)}
+        metrics["random_id_frac"] = (~batch.has_image).float().mean()
         return loss, metrics
 
 

@@ -153,8 +153,9 @@ def main(argv: Optional[list[str]] = None) -> RunResult:
         get_stage_builder(name)  # a missing stage fails before minutes of model loading
     frozen = torch.bfloat16 if config.run.mixed_precision == "bf16" and accelerator.device.type == "cuda" else torch.float32
     models = build_models(config, accelerator.device, frozen)
-    if config.run.gradient_checkpointing:
-        models.unet.enable_gradient_checkpointing()
+    from trainer.speed import apply_speed_options
+
+    apply_speed_options(models, config.run)
     result = RunResult(output)
     for name in stages:
         result.stages.append(run_stage(name, config, models, accelerator, output, args.resume, args))

@@ -26,7 +26,6 @@ import torch
 
 from .compositions import CompositionPool, PromptQuad, aligned_token_index, load_composition_pool, sample_prompts
 from .config import StageConfig, TrainConfig, section_from_mapping
-from .data import downsample_mask
 from .face_masks import attach_detector_masks
 from .face_space import FaceBatch, FaceSpace
 from .loop import heldout_loss
@@ -140,18 +139,9 @@ class CompositionStage:
     @torch.no_grad()
     def start_latents(self, models: Models, batch: CompositionBatch, teacher_ctx: torch.Tensor):
         """(noisy latents ``[B, 4, h, w]``, latent-resolution face masks ``[B, 1, h, w]``)."""
-        faces, device, size = batch.faces, models.device, self.face_loss.latent_size
-        b = batch.noise.shape[0]
-        noise = batch.noise.to(device)
-        t_top = torch.full((b,), models.num_train_timesteps - 1, dtype=torch.long, device=device)
-        ones = torch.ones(b, device=device)
-        x0 = self.face_loss.x0(models, noise, self.face_loss.teacher_eps(models, noise, t_top, teacher_ctx, ones), t_top)
-        masks = torch.ones(b, 1, size, size, device=device)
-        if faces.pixels is not None and bool(faces.has_image.any()):
-            rows = faces.has_image.nonzero().flatten()
-            x0[rows.to(device)] = models.encode_images(faces.pixels[rows]).to(x0)
-            masks[rows.to(device)] = downsample_mask(faces.masks[rows], (size, size)).to(device)
-        return self.face_loss.noisy(models, x0, noise, batch.timesteps.to(device)), masks
+        noise = batch.noise.to(models.device)
+        x0, masks = self.face_loss.start_x0(models, batch.faces, noise, teacher_ctx, None)
+        return self.face_loss.noisy(models, x0, noise, batch.timesteps.to(models.device)), masks
 
     def loss(self, models: Models, batch: CompositionBatch, generator: torch.Generator):
         device, dtype = models.device, models.frozen_dtype
@@ -166,7 +156,7 @@ class CompositionStage:
         prompt_embeds = torch.cat([subject_embeds, class_embeds.to(subject_embeds)]).to(dtype)
         out = composition_step(models.unet, x_t.to(dtype), batch.timesteps.to(device), prompt_embeds, masks,
                                self.settings.layers, self.weights, self.token_index(models, quads, subject.shape[1]))
-        return out["loss"].float(), {k: float(v.detach()) for k, v in out.items() if k != "loss"}
+        return out["loss"].float(), {k: v.detach() for k, v in out.items() if k != "loss"}
 
     def evaluate(self, models: Models) -> dict[str, float]:
         """Held-out delta loss (trained) and stage-1 face-distillation loss (measured only), fixed draws."""
