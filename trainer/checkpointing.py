@@ -189,9 +189,10 @@ def _fsync_tree(folder: Path) -> None:
     _fsync_dir(folder)
 
 
-def _fsync_file(path: Path) -> None:
+def _fsync_path(path: Path, flags: int) -> None:
+    """Best effort: a filesystem that cannot fsync (some network mounts) must not stop training."""
     try:
-        fd = os.open(path, os.O_RDWR | getattr(os, "O_BINARY", 0))  # Windows flushes writable handles only
+        fd = os.open(path, flags)
     except OSError:
         return
     try:
@@ -200,22 +201,16 @@ def _fsync_file(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    _fsync_path(path, os.O_RDWR | getattr(os, "O_BINARY", 0))  # Windows flushes writable handles only
 
 
 def _fsync_dir(folder: Path) -> None:
     """Makes a rename in ``folder`` durable; POSIX only (Windows cannot open a folder to fsync it)."""
-    if os.name == "nt":
-        return
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    if os.name != "nt":
+        _fsync_path(folder, os.O_RDONLY)
 
 
 def load_checkpoint(step_dir: Path, process_index: int = 0) -> LoadedState:
