@@ -1,7 +1,7 @@
 """A restricted reader for ``torch.save`` zip checkpoints that never imports or runs pickled code.
 
-The official AdaFace release pickles whole ``nn.Module`` objects; ``torch.load(weights_only=False)``
-would import their classes and let the file call anything. This reader resolves every global the
+The official AdaFace release pickles whole ``nn.Module`` objects; torch's full unpickler (``weights_only``
+off) would import their classes and let the file call anything. This reader resolves every global the
 pickle names itself: a few harmless builders (tensors, dtypes, containers) are real; classes under
 known model-library prefixes become inert :class:`StandIn` records of the state the pickle sets;
 everything else is refused with :class:`UnsafePickleError` before it can be called.
