@@ -165,6 +165,10 @@ def main(argv: Optional[list[str]] = None) -> RunResult:
         result.smoke_check = smoke_check(config, models, result, output)
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    if accelerator.num_processes > 1:
+        import gc
+
+        gc.collect()  # free collective work objects while the interpreter is whole, not during its shutdown
     return result
 
 
