@@ -144,13 +144,22 @@ def test_a_checkpoint_of_the_other_stage_is_not_resumed(models_root, tmp_path, c
     assert "is a face checkpoint; the composition stage starts from the beginning" in caplog.text
 
 
-def test_n_steps_resume_n_steps_equals_2n_steps(models_root, tmp_path):
-    straight = write_config(tmp_path / "straight.yaml", make_config(models_root, tmp_path / "straight"))
+PRODIGY_WARMUP = {"optim": {"optimizer": "prodigy", "batch_size": 2, "grad_accum": 2, "warmup_steps": 8},
+                  # plateau-only expansions (no forced steps) at steps 5 and 10: the second depends on the
+                  # detector's state carried across the resume at step 6
+                  "expansion": {"factors": [[2, 1, 1], [1, 2, 1]], "forced_steps": [], "perturb_std": 0.1,
+                                "warmup_steps": 2, "patience": 3, "min_rel_improvement": 0.5, "min_steps_between": 1}}
+
+
+@pytest.mark.parametrize("settings", [{}, PRODIGY_WARMUP], ids=["adamw", "prodigy-warmup-plateau"])
+def test_n_steps_resume_n_steps_equals_2n_steps(models_root, tmp_path, settings):
+    """Weights, optimizer (Prodigy's running sums too), LR warm-up, plateau detector and RNG all resume exactly."""
+    straight = write_config(tmp_path / "straight.yaml", make_config(models_root, tmp_path / "straight", **settings))
     result = run_cli(straight)
     full = weights(result.stages[0].final_checkpoint)
     assert load_inverter(result.stages[0].final_checkpoint).config.attention_multipliers == [2, 2, 1]
 
-    split = write_config(tmp_path / "split.yaml", make_config(models_root, tmp_path / "split"))
+    split = write_config(tmp_path / "split.yaml", make_config(models_root, tmp_path / "split", **settings))
     run_cli(split, "--max-steps", "6")
     resumed = run_cli(split, "--resume", str(tmp_path / "split"))
     assert resumed.stages[0].steps == 12 and len(resumed.stages[0].losses) == 6
