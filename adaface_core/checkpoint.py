@@ -17,7 +17,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .errors import CheckpointError, ModelFileMissingError
+from .errors import AdaFaceError, CheckpointError, ModelFileMissingError
 from .inverter import InverterConfig, PromptInverter
 from .weights import check_shapes, state_shapes
 
@@ -28,8 +28,33 @@ FORMAT_VERSION = "1"
 SUPPORTED_ID_ENCODER = "arc2face"
 
 
+def _fsync_path(path: Union[str, Path], flags: int) -> None:
+    """Best effort: a filesystem that cannot fsync (some network mounts) must not stop the work."""
+    try:
+        fd = os.open(path, flags)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def fsync_file(path: Union[str, Path]) -> None:
+    """Puts a file's bytes on disk before a rename publishes it (else a power cut can publish an empty file)."""
+    _fsync_path(path, os.O_RDWR | getattr(os, "O_BINARY", 0))  # Windows flushes writable handles only
+
+
+def fsync_dir(folder: Union[str, Path]) -> None:
+    """Makes a rename in ``folder`` durable; POSIX only (Windows cannot open a folder to fsync it)."""
+    if os.name != "nt":
+        _fsync_path(folder, os.O_RDONLY)
+
+
 def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Union[str, Path], metadata: dict[str, str]) -> Path:
-    """Writes to a temporary file in the same folder, then renames: a crash never leaves half a file."""
+    """Writes to a temporary file in the same folder, flushes it, then renames: a crash never leaves half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
@@ -37,7 +62,9 @@ def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Union[str, P
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=metadata)
+        fsync_file(tmp)
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -106,17 +133,15 @@ def load_inverter(
     try:
         with safe_open(str(path), framework="pt") as handle:
             found = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"cannot read tensors from {path}: {exc}") from exc
-    # Shapes first, against a model without storage: a mismatched (or hostile) configuration is
-    # reported before anything of its size is allocated.
-    with torch.device("meta"):
-        expected = state_shapes(PromptInverter(config).state_dict())
-    check_shapes(expected, found, path.name)
-    inverter = PromptInverter(config)
-    try:
-        with safe_open(str(path), framework="pt") as handle:
+            # Shapes first, against a model without storage: a mismatched (or hostile) configuration is
+            # reported before anything of its size is allocated.
+            with torch.device("meta"):
+                expected = state_shapes(PromptInverter(config).state_dict())
+            check_shapes(expected, found, path.name)
+            inverter = PromptInverter(config)
             inverter.load_state_dict({key: handle.get_tensor(key) for key in handle.keys()})
+    except AdaFaceError:
+        raise
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"cannot read tensors from {path}: {exc}") from exc
     logger.info("loaded AdaFace inverter %s (multipliers %s)", path.name, config.attention_multipliers)

@@ -32,7 +32,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise ModelFileMissingError(f"weight file not found: {path}")
     try:
-        if path.suffix == ".safetensors":
+        if path.suffix.lower() == ".safetensors":
             return load_file(str(path))
         # weights_only=True: plain tensors only, a pickle cannot run code through this path.
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -88,6 +88,16 @@ def find_weight_file(folder: Path) -> Path:
     )
 
 
+def read_clip_text_config(config_path: Path) -> ClipTextConfig:
+    """A transformers CLIP text ``config.json``; a missing or malformed one is named."""
+    try:
+        return ClipTextConfig.from_dict(json.loads(Path(config_path).read_text(encoding="utf-8")))
+    except FileNotFoundError as exc:
+        raise ModelFileMissingError(f"CLIP text config not found: {config_path}") from exc
+    except (ValueError, TypeError) as exc:  # JSONDecodeError is a ValueError
+        raise CheckpointError(f"{config_path} is not a valid CLIP text config.json: {exc}") from exc
+
+
 def load_clip_text_folder(folder: Path, multipliers: Optional[list[int]] = None) -> ClipTextTransformer:
     """Loads a transformers ``CLIPTextModel`` folder (``config.json`` + weights) into our transformer."""
     folder = Path(folder)
@@ -97,10 +107,7 @@ def load_clip_text_folder(folder: Path, multipliers: Optional[list[int]] = None)
             f"CLIP text encoder folder {folder} is missing config.json (expected the transformers "
             "CLIPTextModel layout: config.json and model.safetensors)"
         )
-    try:
-        config = ClipTextConfig.from_dict(json.loads(config_path.read_text(encoding="utf-8")))
-    except (ValueError, TypeError) as exc:  # JSONDecodeError is a ValueError
-        raise CheckpointError(f"{config_path} is not a valid CLIP text config.json: {exc}") from exc
+    config = read_clip_text_config(config_path)
     state = read_state_dict(find_weight_file(folder))
     return clip_text_from_state_dict(state, config, str(folder), multipliers)
 

@@ -30,7 +30,7 @@ from typing import Any, Optional, Union
 import numpy as np
 import torch
 
-from adaface_core.checkpoint import load_inverter, save_inverter
+from adaface_core.checkpoint import fsync_dir, fsync_file, load_inverter, save_inverter
 from adaface_core.errors import CheckpointError
 from adaface_core.inverter import PromptInverter
 
@@ -85,7 +85,7 @@ def list_checkpoints(checkpoints_dir: Path) -> list[tuple[int, Path]]:
     old copy was moved aside by an interrupted re-save is listed with that copy."""
     found: dict[int, Path] = {}
     if checkpoints_dir.is_dir():
-        for child in sorted(checkpoints_dir.iterdir(), key=lambda c: c.name.startswith(".")):  # folders first
+        for child in sorted(checkpoints_dir.iterdir(), key=lambda c: c.name.startswith(".")):  # step_* before .old-*
             match = STEP_DIR.match(child.name) or ASIDE_DIR.match(child.name)
             if match and _complete(child):
                 found.setdefault(int(match.group(1)), child)
@@ -97,11 +97,12 @@ def clean_stale(checkpoints_dir: Path) -> None:
     ``.old-step_*`` copy is renamed back when its step has no complete folder, else deleted."""
     if not checkpoints_dir.is_dir():
         return
-    for child in checkpoints_dir.iterdir():
-        if ASIDE_DIR.match(child.name) and child.is_dir():
+    for child in list(checkpoints_dir.iterdir()):
+        if not child.is_dir():
+            continue
+        if ASIDE_DIR.match(child.name):
             _settle_aside(child, checkpoints_dir / child.name[len(ASIDE_PREFIX):])
-    for child in checkpoints_dir.iterdir():
-        if child.name.startswith(".tmp-step_") and child.is_dir():
+        elif child.name.startswith(".tmp-step_"):
             logger.warning("removing an incomplete checkpoint left by an interrupted run: %s", child)
             shutil.rmtree(child, ignore_errors=True)
 
@@ -118,7 +119,7 @@ def _settle_aside(aside: Path, final: Path) -> None:
 def find_resume_checkpoint(path: Union[str, Path], stage: str) -> Optional[Path]:
     """``path`` may be a run's output folder, a stage folder, its ``checkpoints/`` folder or one ``step_*`` folder."""
     path = Path(path)
-    if (STEP_DIR.match(path.name) or ASIDE_DIR.match(path.name)) and (path / STATE_FILE).is_file():
+    if STEP_DIR.match(path.name) and (path / STATE_FILE).is_file():
         return path
     for candidate in (path / stage / "checkpoints", path / "checkpoints", path):
         found = list_checkpoints(candidate)
@@ -175,9 +176,9 @@ def _move_into_place(tmp: Path, final: Path) -> None:
     if final.exists():
         shutil.rmtree(aside, ignore_errors=True)  # a leftover whose step has a folder again
         os.replace(final, aside)
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
     os.replace(tmp, final)
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
     shutil.rmtree(aside, ignore_errors=True)
 
 
@@ -185,32 +186,8 @@ def _fsync_tree(folder: Path) -> None:
     """Puts the files on disk before the rename publishes them (else a power cut can publish empty files)."""
     for child in folder.iterdir():
         if child.is_file():
-            _fsync_file(child)
-    _fsync_dir(folder)
-
-
-def _fsync_path(path: Path, flags: int) -> None:
-    """Best effort: a filesystem that cannot fsync (some network mounts) must not stop training."""
-    try:
-        fd = os.open(path, flags)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
-    _fsync_path(path, os.O_RDWR | getattr(os, "O_BINARY", 0))  # Windows flushes writable handles only
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Makes a rename in ``folder`` durable; POSIX only (Windows cannot open a folder to fsync it)."""
-    if os.name != "nt":
-        _fsync_path(folder, os.O_RDONLY)
+            fsync_file(child)
+    fsync_dir(folder)
 
 
 def load_checkpoint(step_dir: Path, process_index: int = 0) -> LoadedState:

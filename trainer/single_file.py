@@ -12,7 +12,6 @@ safetensors or ``torch.load(weights_only=True)``: a ``.ckpt`` can never run code
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,10 +19,11 @@ from typing import Any, Union
 
 import torch
 
-from adaface_core.clip_text import ClipTextConfig, ClipTextTransformer
-from adaface_core.errors import CheckpointError, ConfigError, ModelFileMissingError
+from adaface_core.clip_text import ClipTextTransformer
+from adaface_core.errors import CheckpointError
 from adaface_core.tiny_models import SD15_SCHEDULER
-from adaface_core.weights import check_shapes, clip_text_from_state_dict, read_state_dict, state_shapes
+from adaface_core.weights import (check_shapes, clip_text_from_state_dict, read_clip_text_config, read_state_dict,
+                                  state_shapes)
 
 logger = logging.getLogger(__name__)
 
@@ -125,16 +125,18 @@ def split_components(state: dict[str, Any], path: Path) -> Sd15File:
     """Sorts the tensors by model prefix; anything left that an LDM checkpoint does not hold is an error."""
     parts: dict[str, dict[str, torch.Tensor]] = {name: {} for name in COMPONENT_PREFIXES}
     foreign = []
+    ema = 0
     for key, value in state.items():
         name = next((n for n, prefix in COMPONENT_PREFIXES.items() if key.startswith(prefix)), None)
         if name is not None and isinstance(value, torch.Tensor):
             parts[name][key] = value
-        elif key not in LDM_SCHEDULE_KEYS and not key.startswith(IGNORED_PREFIXES):
+        elif key.startswith(IGNORED_PREFIXES):
+            ema += 1
+        elif key not in LDM_SCHEDULE_KEYS:
             foreign.append(key)
     missing = [COMPONENT_PREFIXES[name] + "*" for name, tensors in parts.items() if not tensors]
     if missing or foreign:
         raise CheckpointError(_not_sd15_message(path, missing, foreign))
-    ema = sum(key.startswith(IGNORED_PREFIXES) for key in state)
     if ema:
         logger.info("%s: %d EMA tensors ignored (the regular weights are used, as diffusers does)", path.name, ema)
     return Sd15File(path=path, **parts)
@@ -217,13 +219,7 @@ def load_vae(parts: Sd15File, configs: Path) -> torch.nn.Module:
 
 def load_text_encoder(parts: Sd15File, configs: Path) -> ClipTextTransformer:
     """Through the core's CLIP loader, which strips the LDM prefix and names every mismatched tensor."""
-    config_path = configs / "text_encoder" / "config.json"
-    try:
-        config = ClipTextConfig.from_dict(json.loads(config_path.read_text(encoding="utf-8")))
-    except FileNotFoundError as exc:
-        raise ModelFileMissingError(f"text-encoder config not found: {config_path}") from exc
-    except (ValueError, TypeError) as exc:
-        raise ConfigError(f"{config_path} is not a valid CLIP text config.json: {exc}") from exc
+    config = read_clip_text_config(configs / "text_encoder" / "config.json")
     return clip_text_from_state_dict(parts.text_encoder, config, f"{parts.path} ({TEXT_PREFIX}*)")
 
 
