@@ -10,7 +10,7 @@ import hashlib
 import logging
 from collections import OrderedDict
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -104,35 +104,26 @@ class SubjectEncoder:
             sources=tuple(sources),
         )
 
-    def _cache_key(self, images: Sequence[ImageInput], names: Sequence[str]) -> str:
-        return image_digest(images) + "|" + "|".join(names)  # the names are part of what is returned
+    def encode_photos(
+        self,
+        images: Sequence[ImageInput],
+        names: Optional[Sequence[str]] = None,
+        on_miss: Optional[Callable[[], None]] = None,
+    ) -> tuple[SubjectEmbedding, IdentityResult]:
+        """One identity from one or several photos; also returns the faces found (cached by content).
 
-    def _names(self, images: Sequence[ImageInput], names: Optional[Sequence[str]]) -> list[str]:
-        return list(names) if names is not None else [image_name(image, i) for i, image in enumerate(images)]
-
-    def cached(
-        self, images: Sequence[ImageInput], names: Optional[Sequence[str]] = None
-    ) -> Optional[tuple[SubjectEmbedding, IdentityResult]]:
-        """What ``encode_photos`` returned for these photos before, or None: lets a caller skip loading models."""
-        return self._lookup(self._cache_key(images, self._names(images, names)))
-
-    def _lookup(self, key: str) -> Optional[tuple[SubjectEmbedding, IdentityResult]]:
+        ``on_miss`` runs only when the photos are not cached, before any model is used (ComfyUI loads the
+        models onto the GPU there, so a repeated photo costs no model load).
+        """
+        if self.faces is None:
+            raise ConfigError("this SubjectEncoder was built without face models")
+        names = list(names) if names is not None else [image_name(image, i) for i, image in enumerate(images)]
+        key = image_digest(images) + "|" + "|".join(names)  # the names are part of what is returned
         if key in self._cache:
             self._cache.move_to_end(key)
             return self._cache[key]
-        return None
-
-    def encode_photos(
-        self, images: Sequence[ImageInput], names: Optional[Sequence[str]] = None
-    ) -> tuple[SubjectEmbedding, IdentityResult]:
-        """One identity from one or several photos; also returns the faces found (cached by content)."""
-        if self.faces is None:
-            raise ConfigError("this SubjectEncoder was built without face models")
-        names = self._names(images, names)
-        key = self._cache_key(images, names)
-        hit = self._lookup(key)
-        if hit is not None:
-            return hit
+        if on_miss is not None:
+            on_miss()
         identity = self.faces.identity(images, names)
         used = [face.name for face in identity.faces]
         subject = self.encode_vector(torch.as_tensor(identity.embedding), used)

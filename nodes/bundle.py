@@ -35,18 +35,22 @@ class AdaFaceBundle:
     """The Arc2Face model folder (``encoder/`` and ``arc2face/``)."""
     _teacher: Optional[Any] = field(default=None, repr=False)
 
-    def encoder(self) -> SubjectEncoder:
-        """The SubjectEncoder with its modules loaded on ComfyUI's compute device.
+    def load(self) -> None:
+        """Puts the encoder and inverter on ComfyUI's compute device.
 
         Fully: these are plain torch modules, which a partial (low-VRAM) load would leave half on the
         offload device; ComfyUI loads its own CLIP the same way.
         """
         model_management.load_models_gpu([self.patcher], force_full_load=True)
+
+    def encoder(self) -> SubjectEncoder:
+        """The SubjectEncoder with its modules loaded on ComfyUI's compute device."""
+        self.load()
         return self.subjects
 
     def encode_photos(self, photos: list, names: list[str]) -> tuple[SubjectEmbedding, IdentityResult]:
         """Subject and faces of the photos; the models are only loaded when the photos are new."""
-        return self.subjects.cached(photos, names) or self.encoder().encode_photos(photos, names)
+        return self.subjects.encode_photos(photos, names, on_miss=self.load)
 
     def teacher_model(self) -> Any:
         """Arc2Face's UNet as a ComfyUI MODEL, loaded on first use (only the teacher sampler needs it)."""
