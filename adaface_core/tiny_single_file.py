@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Union
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from .tiny_models import SD15_SCHEDULER, TinySpec, write_sd15_folder
+from .tiny_models import SD15_SCHEDULER
+from .weights import read_state_dict
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -113,7 +114,7 @@ def ldm_vae(state: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Ten
         new = _vae_resnet_tail(_rename(key, rules, "VAE"))
         if ".mid.attn_1." in new and value.ndim == 2:
             value = value[:, :, None, None]  # LDM's attention projections are 1x1 convolutions
-        out[VAE_PREFIX + new] = value.contiguous()
+        out[VAE_PREFIX + new] = value
     return out
 
 
@@ -134,11 +135,8 @@ def ldm_schedule_buffers() -> dict[str, torch.Tensor]:
 
 def _read_component(folder: Path) -> tuple[dict[str, torch.Tensor], dict]:
     """A diffusers/transformers component folder's (safetensors) weights and config."""
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{folder} has no .safetensors weights to convert")
-    weights = files[0]
-    return load_file(str(weights)), json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    weights = next(iter(sorted(folder.glob("*.safetensors"))), folder / "model.safetensors")
+    return read_state_dict(weights), json.loads((folder / "config.json").read_text(encoding="utf-8"))
 
 
 def write_single_file_from_folder(folder: Union[str, Path], path: Union[str, Path]) -> Path:
@@ -161,13 +159,3 @@ def write_config_folder(folder: Union[str, Path], configs: Union[str, Path]) -> 
         (configs / name).mkdir(parents=True, exist_ok=True)
         shutil.copyfile(Path(folder) / name / "config.json", configs / name / "config.json")
     return configs
-
-
-def write_sd15_single_file(spec: TinySpec, root: Union[str, Path]) -> tuple[Path, Path, Path]:
-    """Tiny SD1.5 as a single file: returns (checkpoint, tokenizer folder, config folder).
-
-    The diffusers folder it was converted from stays in ``root/diffusers`` for comparisons."""
-    root = Path(root)
-    folder = write_sd15_folder(spec, root / "diffusers")
-    checkpoint = write_single_file_from_folder(folder, root / "tiny-sd15.safetensors")
-    return checkpoint, folder / "tokenizer", write_config_folder(folder, root / "configs")

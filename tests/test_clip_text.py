@@ -1,7 +1,7 @@
 """Our CLIP text transformer must equal transformers' CLIPTextModel on the same weights."""
 
 import torch
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPTextModel
 
 from adaface_core.clip_text import ClipAttention, ClipTextConfig, ClipTextTransformer
 from adaface_core.weights import load_clip_text_folder

@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from adaface_core.arc2face import Arc2FaceEncoder
 from adaface_core.checkpoint import load_inverter, save_inverter
 from adaface_core.errors import CheckpointError, ConfigError, ModelFileMissingError
-from adaface_core.inverter import InverterConfig, PromptInverter, reference_template_ids
+from adaface_core.inverter import reference_template_ids
 from adaface_core.textual_inversion import embedding_file_name, load_textual_inversion, save_textual_inversion
 from adaface_core.tokenizer import load_clip_tokenizer
 

@@ -128,8 +128,7 @@ class FeatureCapture:
         missing_q = raw.query is None and (self.store_maps or self.store_queries)
         if missing_q or (self.store_maps and raw.key is None):
             raise RuntimeError(f"{name}: to_q/to_k were not called (fused projections?); cannot capture Q/K")
-        out = raw.out if raw.out.ndim == 3 else raw.out.flatten(2).transpose(1, 2)
-        layer = LayerFeatures(out=out, q=raw.query if self.store_queries else None)
+        layer = LayerFeatures(out=raw.out, q=raw.query if self.store_queries else None)
         if self.store_maps:
             layer.attn = self._maps(raw)
         return layer
@@ -301,7 +300,6 @@ def capture_cross_attention(
         for handle in handles:
             handle.remove()
         capture.enabled = False
-        capture._in_pass = False
 
 
 def feature_grid_size(num_pixels: int, height: int, width: int) -> tuple[int, int]:

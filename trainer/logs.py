@@ -71,13 +71,9 @@ class TrainLogger:
         if not enabled:
             return
         stage_dir.mkdir(parents=True, exist_ok=True)
-        if self.csv_path.is_file():
-            self._truncate_csv(start_step)
-        new = not self.csv_path.is_file() or self.csv_path.stat().st_size == 0
+        self._truncate_csv(start_step)  # a header, then the rows up to start_step (none for a fresh file)
         self._csv = self.csv_path.open("a", newline="", encoding="utf-8")
         self._csv_writer = csv.writer(self._csv)
-        if new:
-            self._write_row(CSV_HEADER)
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
