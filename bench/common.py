@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -103,8 +104,11 @@ class Timing:
         return {"median_ms": round(self.median, 3), "min_ms": round(self.min, 3), "max_ms": round(self.max, 3),
                 "repeats": len(self.samples_ms), "samples_ms": [round(x, 3) for x in self.samples_ms]}
 
-    def text(self) -> str:
-        return f"{self.median:.2f} ms (min {self.min:.2f}, max {self.max:.2f}, n={len(self.samples_ms)})"
+    def text(self, unit: str = "ms", digits: int = 2) -> str:
+        """``median (min, max, n)`` in ``ms`` or ``s``."""
+        scale = 1000.0 if unit == "s" else 1.0
+        m, lo, hi = (v / scale for v in (self.median, self.min, self.max))
+        return f"{m:.{digits}f} {unit} (min {lo:.{digits}f}, max {hi:.{digits}f}, n={len(self.samples_ms)})"
 
 
 def time_once(fn: Callable[[], Any], device: torch.device) -> float:
@@ -134,9 +138,9 @@ def time_fn(fn: Callable[[], Any], device: torch.device, warmup: int, repeats: i
     return time_interleaved({"x": fn}, device, warmup, repeats)["x"]
 
 
-def ratio_text(a: Timing, b: Timing) -> str:
+def overhead_pct(a: Timing, b: Timing) -> float:
     """``a`` relative to ``b`` as a percentage overhead, from the medians."""
-    return f"{(a.median / b.median - 1) * 100:+.1f} %"
+    return (a.median / b.median - 1) * 100
 
 
 def _version(name: str) -> Optional[str]:
@@ -165,7 +169,7 @@ def environment(device: torch.device) -> dict[str, Any]:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "cpu": platform.processor() or platform.machine(),
-        "cpu_count": __import__("os").cpu_count(),
+        "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "commit": _git_commit(),
         "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
@@ -201,10 +205,18 @@ def resolve(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
     return device, DTYPES[args.dtype]
 
 
-def encode_chunk(text_model, chunk: Sequence[tuple]) -> torch.Tensor:
-    """``[1, 77, H]``: one ComfyUI-shaped token chunk through the text encoder, tensor entries spliced in
-    as input embeddings (how ComfyUI's SD1 CLIP consumes injected subject tokens)."""
+def chunk_of(tokenizer, text: str) -> list[tuple[int, float]]:
+    """A ComfyUI-shaped 77-entry chunk ``(token, weight)`` of a short prompt."""
+    from adaface_core.injection import as_token_chunks
+
+    return as_token_chunks(tokenizer(text, padding="max_length", max_length=77, truncation=True))[0]
+
+
+def encode_chunks(text_model, chunks: Sequence[Sequence[tuple]]) -> torch.Tensor:
+    """``[1, 77 * C, H]``: ComfyUI-shaped token chunks through the text encoder in one batched pass, tensor
+    entries spliced in as input embeddings (how ComfyUI's SD1 CLIP consumes injected subject tokens)."""
     from adaface_core.injection import chunk_input_embeds
 
-    rows = chunk_input_embeds([chunk], text_model.embeddings.token_embedding.weight)
-    return text_model(token_embeds=rows).last_hidden_state
+    rows = chunk_input_embeds(chunks, text_model.embeddings.token_embedding.weight)
+    hidden = text_model(token_embeds=rows).last_hidden_state
+    return hidden.reshape(1, -1, hidden.shape[-1])

@@ -17,22 +17,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (base_parser, encode_chunk, peak_gib, random_unet, ratio_text, report, reset_peak,  # noqa: E402
-                    resolve, spec_for, time_interleaved)
+from common import (base_parser, chunk_of, encode_chunks, overhead_pct, peak_gib, random_unet, report,  # noqa: E402
+                    reset_peak, resolve, spec_for, time_interleaved)
 
 from adaface_core.injection import SpecialTokens, SubjectSlot, inject_into_chunks  # noqa: E402
 from adaface_core.tiny_models import random_clip_text, write_tokenizer  # noqa: E402
 from adaface_core.tokenizer import load_clip_tokenizer, single_token_id  # noqa: E402
-
-
-def chunk_of(tokenizer, text: str) -> list[tuple[int, float]]:
-    """A ComfyUI-shaped 77-entry chunk ``(token, weight)`` of a short prompt."""
-    ids = tokenizer(text, padding="max_length", max_length=77, truncation=True)["input_ids"]
-    return [(int(i), 1.0) for i in ids]
-
-
-def encode_chunks(text_model, chunks) -> torch.Tensor:
-    return torch.cat([encode_chunk(text_model, c) for c in chunks], dim=1)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -56,14 +46,15 @@ def main(argv: list[str] | None = None) -> dict:
     slot = SubjectSlot("z", tuple(single_token_id(tokenizer, "z")), subject.to(device, dtype))
 
     plain_chunks = [chunk_of(tokenizer, args.plain)]
+    adaface_chunks = [chunk_of(tokenizer, args.adaface)]  # tokenized once, like the plain prompt
     with torch.inference_mode():
-        negative = encode_chunk(text_model, chunk_of(tokenizer, ""))
+        negative = encode_chunks(text_model, [chunk_of(tokenizer, "")])
 
         def encode_plain() -> torch.Tensor:
             return encode_chunks(text_model, plain_chunks)
 
         def encode_adaface() -> torch.Tensor:
-            return encode_chunks(text_model, inject_into_chunks([chunk_of(tokenizer, args.adaface)], [slot], special))
+            return encode_chunks(text_model, inject_into_chunks(adaface_chunks, [slot], special))
 
         contexts = {"plain": encode_plain(), "adaface": encode_adaface()}
         cfg = {k: torch.cat([negative.repeat(1, c.shape[1] // negative.shape[1], 1), c]) for k, c in contexts.items()}
@@ -79,10 +70,11 @@ def main(argv: list[str] | None = None) -> dict:
         encodes = time_interleaved({"plain": encode_plain, "adaface": encode_adaface}, device, args.warmup, args.repeats)
 
     lengths = {k: int(c.shape[1]) for k, c in contexts.items()}
+    overhead = overhead_pct(steps["adaface"], steps["plain"])
     results = {
         "unet_step_plain": steps["plain"].summary(),
         "unet_step_adaface": steps["adaface"].summary(),
-        "step_overhead_pct": round((steps["adaface"].median / steps["plain"].median - 1) * 100, 2),
+        "step_overhead_pct": round(overhead, 2),
         "encode_plain": encodes["plain"].summary(),
         "encode_adaface_inject": encodes["adaface"].summary(),
         "context_tokens": lengths,
@@ -93,7 +85,7 @@ def main(argv: list[str] | None = None) -> dict:
     rows = [
         ("UNet step, plain prompt", steps["plain"].text()),
         ("UNet step, AdaFace prompt", steps["adaface"].text()),
-        ("step overhead (median ratio)", ratio_text(steps["adaface"], steps["plain"])),
+        ("step overhead (median ratio)", f"{overhead:+.1f} %"),
         ("context tokens plain / AdaFace", f"{lengths['plain']} / {lengths['adaface']}"),
         ("prompt encode, plain (once per prompt)", encodes["plain"].text()),
         ("prompt encode, inject + encode", encodes["adaface"].text()),

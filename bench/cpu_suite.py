@@ -63,9 +63,7 @@ def main(argv: list[str] | None = None) -> dict:
         timing.samples_ms = timing.samples_ms[args.warmup:]
         results[name] = timing.summary() | {"command": " ".join(command(Path("<tmp>"))[1:]), "failed_runs": failures,
                                             "pytest_counts": counts or None}
-        s = [x / 1000 for x in timing.samples_ms]
-        rows.append((name, f"{timing.median / 1000:.1f} s (min {min(s):.1f}, max {max(s):.1f}, n={len(s)})"
-                           + (f"  {counts}" if counts else "") + (f"  FAILED RUNS: {failures}" if failures else "")))
+        rows.append((name, timing.text("s", 1) + (f"  {counts}" if counts else "") + (f"  FAILED RUNS: {failures}" if failures else "")))
     return report("cpu_suite", args, torch.device("cpu"), rows, results)
 
 

@@ -17,8 +17,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, base_parser, encode_chunk, report, resolve, spec_for, time_interleaved  # noqa: E402
-from conditioning_overhead import chunk_of  # noqa: E402
+from common import REPO, base_parser, chunk_of, encode_chunks, report, resolve, spec_for, time_interleaved  # noqa: E402
 
 from adaface_core.arc2face import Arc2FaceEncoder  # noqa: E402
 from adaface_core.face_analysis import FaceAnalyzer  # noqa: E402
@@ -70,7 +69,7 @@ def main(argv: list[str] | None = None) -> dict:
     inverter = PromptInverter.from_clip(inv_clip, InverterConfig(clip=inv_clip.config, num_tokens=16,
                                                                  attention_multipliers=[1] * spec.num_layers))
     inverter = inverter.to(device, dtype)
-    text_model = random_clip_text(spec, seed_offset=1).to(device, dtype).eval()
+    text_model = inv_clip.to(device, dtype).eval()  # SD1.5's encoder: the inverter copied its weights from it
     special = SpecialTokens.from_empty_chunk(chunk_of(tokenizer, ""))
     placeholder_ids = tuple(single_token_id(tokenizer, "z"))
     prompt_chunk = chunk_of(tokenizer, args.prompt)
@@ -78,7 +77,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     def conditioning(subject) -> torch.Tensor:
         slot = SubjectSlot("z", placeholder_ids, subject.scaled_tokens(1.0).to(device, dtype))
-        return torch.cat([encode_chunk(text_model, c) for c in inject_into_chunks([prompt_chunk], [slot], special)], 1)
+        return encode_chunks(text_model, inject_into_chunks([prompt_chunk], [slot], special))
 
     with torch.inference_mode():
         identity = faces.identity([photo], [photo_name])

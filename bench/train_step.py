@@ -19,15 +19,16 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (base_parser, peak_gib, random_unet, report, reset_peak, resolve, spec_for,  # noqa: E402
+from common import (Timing, base_parser, peak_gib, random_unet, report, reset_peak, resolve, spec_for,  # noqa: E402
                     time_fn)
 
 from adaface_core.arc2face import Arc2FaceEncoder  # noqa: E402
-from adaface_core.tiny_models import SD15_SCHEDULER, random_clip_text, write_tokenizer  # noqa: E402
+from adaface_core.tiny_models import random_clip_text, write_tokenizer  # noqa: E402
 from adaface_core.tokenizer import load_clip_tokenizer  # noqa: E402
 from trainer.config import OptimConfig, StageConfig, TrainConfig  # noqa: E402
 from trainer.loop import Trainer  # noqa: E402
-from trainer.models import Models, _frozen, build_inverter  # noqa: E402
+from trainer.models import Models, _frozen, build_inverter, frozen_dtype_for  # noqa: E402
+from trainer.single_file import sd15_scheduler  # noqa: E402
 from trainer.run import make_accelerator  # noqa: E402
 from trainer.speed import apply_speed_options  # noqa: E402
 from trainer.stages import get_stage_builder  # noqa: E402
@@ -37,10 +38,8 @@ PAPER_STEPS = {"face": 240_000, "composition": 120_000}
 
 def build_random_models(config: TrainConfig, device: torch.device, tiny: bool, tmp: Path) -> Models:
     """``trainer.models.Models`` with random full-size (or tiny) weights, built in memory (no model folders)."""
-    from diffusers import DDPMScheduler
-
     spec = spec_for(tiny)
-    frozen = torch.bfloat16 if config.run.mixed_precision == "bf16" and device.type == "cuda" else torch.float32
+    frozen = frozen_dtype_for(config, device)
     tokenizer = load_clip_tokenizer(write_tokenizer(tmp / "tokenizer"))
     text_encoder = random_clip_text(spec, seed_offset=1)
     inverter = build_inverter(config, text_encoder)
@@ -49,7 +48,7 @@ def build_random_models(config: TrainConfig, device: torch.device, tiny: bool, t
         text_encoder=_frozen(text_encoder, device, frozen),
         unet=_frozen(random_unet(tiny, seed=2), device, frozen),
         vae=None,
-        scheduler=DDPMScheduler.from_config({k: v for k, v in SD15_SCHEDULER.items() if not k.startswith("_")}),
+        scheduler=sd15_scheduler(),
         teacher_unet=_frozen(random_unet(tiny, seed=4), device, frozen),
         id_encoder=_frozen(Arc2FaceEncoder(random_clip_text(spec, seed_offset=3), tokenizer), device, frozen),
         inverter=inverter.to(device),
@@ -58,7 +57,7 @@ def build_random_models(config: TrainConfig, device: torch.device, tiny: bool, t
     )
 
 
-def bench_stage(name: str, args, device: torch.device, tmp: Path) -> dict:
+def bench_stage(name: str, args, device: torch.device, tmp: Path) -> tuple[dict, Timing]:
     config = TrainConfig()
     config.run.device = "cpu" if device.type == "cpu" else "auto"
     config.run.mixed_precision = "bf16" if args.dtype == "bf16" else "no"
@@ -101,7 +100,7 @@ def bench_stage(name: str, args, device: torch.device, tmp: Path) -> dict:
     del trainer, models
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return result
+    return result, timing
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -118,16 +117,18 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense peak of the dtype (H100 SXM bf16: 989)")
     parser.set_defaults(warmup=2, repeats=5)
     args = parser.parse_args(argv)
+    if args.dtype == "fp16":
+        parser.error("the trainer runs bf16 autocast or fp32 (fp16 would need loss scaling): use --dtype bf16")
     logging.basicConfig(level=logging.WARNING)
     device, _ = resolve(args)
     stages = ["face", "composition"] if args.stage == "both" else [args.stage]
     results, rows = {}, []
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
         for name in stages:
-            r = results[name] = bench_stage(name, args, device, Path(tmp))
+            r, timing = bench_stage(name, args, device, Path(tmp))
+            results[name] = r
             peak = "n/a on CPU" if r["peak_gib"] is None else f"{r['peak_gib']:.2f} GiB"
-            rows.append((f"{name} step, batch {r['batch']} x {r['grad_accum']} micro-batches",
-                         f"{r['median_ms']:.1f} ms (min {r['min_ms']:.1f}, max {r['max_ms']:.1f}, n={r['repeats']})"))
+            rows.append((f"{name} step, batch {r['batch']} x {r['grad_accum']} micro-batches", timing.text("ms", 1)))
             rows.append((f"{name} FLOPs / TFLOP/s / MFU",
                          f"{r['flops_per_step'] / 1e12:.3f} TFLOP, {r['achieved_tflops']:.2f} TFLOP/s, {r['mfu_pct']:.2f} %"))
             rows.append((f"{name} peak memory", peak))

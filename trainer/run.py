@@ -125,7 +125,7 @@ def main(argv: Optional[list[str]] = None) -> RunResult:
     import torch
 
     from trainer.config import config_to_dict
-    from trainer.models import build_models
+    from trainer.models import build_models, frozen_dtype_for
 
     config = load_run_config(args)
     config.validate(check_paths=True)
@@ -151,8 +151,7 @@ def main(argv: Optional[list[str]] = None) -> RunResult:
     stages = ["face", "composition"] if config.stage == "both" else [config.stage]
     for name in stages:
         get_stage_builder(name)  # a missing stage fails before minutes of model loading
-    frozen = torch.bfloat16 if config.run.mixed_precision == "bf16" and accelerator.device.type == "cuda" else torch.float32
-    models = build_models(config, accelerator.device, frozen)
+    models = build_models(config, accelerator.device, frozen_dtype_for(config, accelerator.device))
     from trainer.speed import apply_speed_options
 
     apply_speed_options(models, config.run)
