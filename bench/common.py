@@ -45,14 +45,16 @@ def unet_config_for(tiny: bool) -> dict:
     return unet_config(TINY_SPEC) if tiny else dict(SD15_UNET)
 
 
-def random_unet(tiny: bool, seed: int = 0) -> torch.nn.Module:
-    """A UNet2DConditionModel of SD1.5's architecture (or the tiny test one) with random weights."""
+def random_unet(tiny: bool, seed: int = 0, device: torch.device | str = "cpu") -> torch.nn.Module:
+    """A UNet2DConditionModel of SD1.5's architecture (or the tiny test one) with random weights, initialised
+    on ``device`` (on a GPU that takes a second; on the CPU a full-size one takes several)."""
     from diffusers import UNet2DConditionModel
     from diffusers.utils import logging as diffusers_logging
 
     diffusers_logging.set_verbosity_error()  # its dtype-cast advice does not apply to random weights
     torch.manual_seed(seed)
-    return UNet2DConditionModel(**unet_config_for(tiny))
+    with torch.device(device):
+        return UNet2DConditionModel(**unet_config_for(tiny))
 
 
 def base_parser(description: str) -> argparse.ArgumentParser:

@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = load_clip_tokenizer(write_tokenizer(Path(tmp) / "tokenizer"))
     text_model = random_clip_text(spec, seed_offset=1).to(device, dtype).eval()
-    unet = random_unet(args.tiny).to(device, dtype).eval()
+    unet = random_unet(args.tiny, device=device).to(dtype).eval()
     special = SpecialTokens.from_empty_chunk(chunk_of(tokenizer, ""))
     g = torch.Generator().manual_seed(0)
     subject = torch.randn(args.num_tokens, spec.hidden_size, generator=g) * 0.02  # embedding-table scale

@@ -20,7 +20,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (Timing, base_parser, peak_gib, random_unet, report, reset_peak, resolve, spec_for,  # noqa: E402
-                    time_fn)
+                    time_fn, time_once)
 
 from adaface_core.arc2face import Arc2FaceEncoder  # noqa: E402
 from adaface_core.tiny_models import random_clip_text, write_tokenizer  # noqa: E402
@@ -46,10 +46,10 @@ def build_random_models(config: TrainConfig, device: torch.device, tiny: bool, t
     return Models(
         tokenizer=tokenizer,
         text_encoder=_frozen(text_encoder, device, frozen),
-        unet=_frozen(random_unet(tiny, seed=2), device, frozen),
+        unet=_frozen(random_unet(tiny, seed=2, device=device), device, frozen),
         vae=None,
         scheduler=sd15_scheduler(),
-        teacher_unet=_frozen(random_unet(tiny, seed=4), device, frozen),
+        teacher_unet=_frozen(random_unet(tiny, seed=4, device=device), device, frozen),
         id_encoder=_frozen(Arc2FaceEncoder(random_clip_text(spec, seed_offset=3), tokenizer), device, frozen),
         inverter=inverter.to(device),
         device=device,
@@ -78,7 +78,10 @@ def bench_stage(name: str, args, device: torch.device, tmp: Path) -> tuple[dict,
     stage = get_stage_builder(name)(config, stage_config, models, accelerator, tmp / name)
     trainer = Trainer(stage, stage_config, models, accelerator, tmp / name, tensorboard=False, show_progress=False)
 
-    for _ in range(args.warmup):
+    first_step_s = None
+    if args.warmup:  # the first step includes torch.compile's compiling, when it is on
+        first_step_s = time_once(trainer.train_step, device) / 1000
+    for _ in range(args.warmup - 1):
         trainer.train_step()
     reset_peak(device)
     timing = time_fn(trainer.train_step, device, 0, args.repeats)
@@ -94,7 +97,7 @@ def bench_stage(name: str, args, device: torch.device, tmp: Path) -> tuple[dict,
         "achieved_tflops": round(tflops, 3), "mfu_pct": round(100 * tflops / args.peak_tflops, 2),
         "peak_gib": peak, "frozen_dtype": str(models.frozen_dtype), "mixed_precision": accelerator.mixed_precision,
         "gradient_checkpointing": args.gradient_checkpointing, "optimizer": args.optimizer,
-        "channels_last": args.channels_last, "compile": args.compile,
+        "channels_last": args.channels_last, "compile": args.compile, "first_step_s": first_step_s,
         "paper_schedule_hours": round(PAPER_STEPS[name] * seconds / 3600, 1),
     }
     del trainer, models
@@ -132,6 +135,8 @@ def main(argv: list[str] | None = None) -> dict:
             rows.append((f"{name} FLOPs / TFLOP/s / MFU",
                          f"{r['flops_per_step'] / 1e12:.3f} TFLOP, {r['achieved_tflops']:.2f} TFLOP/s, {r['mfu_pct']:.2f} %"))
             rows.append((f"{name} peak memory", peak))
+            if r["first_step_s"] is not None:
+                rows.append((f"{name} first step (with compiling, if --compile)", f"{r['first_step_s']:.1f} s"))
             rows.append((f"{name} paper schedule ({PAPER_STEPS[name]} steps)", f"{r['paper_schedule_hours']} h"))
     if len(stages) == 2:
         total = sum(r["paper_schedule_hours"] for r in results.values())

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers_faces import require_buffalo_s_pack
+from tests.helpers_faces import require_buffalo_s_pack, require_faces
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 sys.path.insert(0, str(BENCH))
@@ -54,6 +54,32 @@ def test_face_pipeline_breakdown_and_cache(tmp_path):
     for stage in ("detect + ArcFace", "Arc2Face encoder", "inverter", "inject + CLIP encode",
                   "repeated photo -> subject (cache)"):
         assert results[stage]["median_ms"] > 0
+
+
+def test_photo_latents_compares_uncached_and_cached_photos(tmp_path):
+    faces = require_faces()
+    import photo_latents
+
+    photo_latents.main(FAST + ["--photos", str(faces / "labeled"), "--json", str(tmp_path / "p.json")])
+    results = _record(tmp_path / "p.json")
+    assert len(results["photos"]) == 4 and results["vae_encode_flops_per_photo"] > 0
+    for variant in ("uncached: load + VAE encode", "cached"):
+        assert results[variant]["repeats"] == 1
+    assert results["cache_bytes_per_photo"] > 0
+
+
+def test_gpu_suite_records_every_row_even_after_a_failure(tmp_path):
+    import gpu_suite
+
+    out = tmp_path / "suite.json"
+    gpu_suite.main(["--tiny", "--device", "cpu", "--only", "photo_latents", "conditioning",
+                    "--photos", str(tmp_path / "missing"), "--out", str(out)])
+    suite = json.loads(out.read_text(encoding="utf-8"))
+    assert list(suite["rows"]) == ["conditioning", "photo_latents"]  # the plan's order
+    assert suite["rows"]["conditioning"]["results"]["context_tokens"] == {"plain": 77, "adaface": 77}
+    assert suite["rows"]["conditioning"]["command"].startswith("python bench/conditioning_overhead.py --device cpu --tiny")
+    assert "photos" in suite["rows"]["photo_latents"]["error"]  # recorded, and the run went on
+    assert suite["environment"]["torch"]
 
 
 @pytest.mark.parametrize("line, counts", [

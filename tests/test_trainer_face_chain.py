@@ -105,8 +105,8 @@ def mixed_batch(tmp_path, models):
     return FaceBatch(
         torch.cat([photos.id_vectors, random_id.id_vectors]),
         torch.cat([photos.has_image, random_id.has_image]),
-        torch.cat([photos.pixels, torch.zeros_like(photos.pixels[:1])]),
-        torch.cat([photos.masks, torch.ones_like(photos.masks[:1])]),
+        torch.cat([photos.image_index, torch.tensor([-1])]),
+        photos.photos,
     )
 
 
@@ -239,7 +239,8 @@ def test_later_steps_renoise_the_teachers_x0_estimate_with_fresh_noise(models, t
     x0 = torch.empty(shape)
     x0[random_rows] = loss_fn.x0(models, pre.x[-r:], pre_eps, t_top)
     # Photos: x0 is the photo's VAE latent (posterior mean).
-    x0[:2] = models.encode_images(batch.pixels[:2])
+    pixels = torch.stack([batch.photos.images.load(int(i))[0] for i in batch.image_index[:2]])
+    x0[:2] = models.encode_images(pixels)
 
     draws = rec.noise_draws(shape)
     used = [pure]

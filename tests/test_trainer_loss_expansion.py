@@ -9,7 +9,7 @@ from PIL import Image
 from trainer.config import ExpansionConfig, FaceLossConfig, config_from_dict
 from trainer.data import FaceImages
 from trainer.expansion import ExpansionSchedule, PlateauDetector
-from trainer.face_space import FaceBatch, FaceSpace
+from trainer.face_space import FaceSpace
 from trainer.losses_face import FaceDistillationLoss
 from trainer.models import build_models
 
@@ -21,19 +21,21 @@ def models(tiny_models):
 
 
 def _photo_batch(tmp_path, models, mask_value):
+    tmp_path.mkdir(parents=True, exist_ok=True)
     photo = tmp_path / "face.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(photo)
     mask = np.zeros((64, 64), np.uint8)
     mask[16:48, 16:48] = mask_value
     Image.fromarray(mask).save(tmp_path / "face_mask.png")
-    images = FaceImages(tmp_path, [photo], F.normalize(torch.randn(1, 512), dim=-1), 64)
+    ids = F.normalize(torch.randn(1, 512, generator=torch.Generator().manual_seed(0)), dim=-1)
+    images = FaceImages(tmp_path, [photo], ids, 64)
     space = FaceSpace(images, models.id_dim, random_id_prob=0.0, id_noise_std=0.01)
     return space.sample(2, torch.Generator().manual_seed(0))
 
 
 def test_loss_on_photos_trains_only_the_inverter(models, tmp_path):
     batch = _photo_batch(tmp_path, models, 255)
-    assert bool(batch.has_image.all()) and batch.pixels.shape == (2, 3, 64, 64)
+    assert bool(batch.has_image.all()) and batch.image_index.tolist() == [0, 0]
     loss_fn = FaceDistillationLoss(FaceLossConfig(chain_steps=3, cfg_prob=1.0), latent_size=8)
     models.inverter.zero_grad(set_to_none=True)
     loss, metrics = loss_fn(models, batch, torch.Generator().manual_seed(1))
@@ -48,8 +50,10 @@ def test_loss_on_photos_trains_only_the_inverter(models, tmp_path):
 
 def test_mask_limits_the_loss_to_the_face(models, tmp_path):
     loss_fn = FaceDistillationLoss(FaceLossConfig(chain_steps=1, cfg_prob=0.0), latent_size=8)
-    masked = _photo_batch(tmp_path, models, 255)
-    full = FaceBatch(masked.id_vectors, masked.has_image, masked.pixels, torch.ones_like(masked.masks))
+    masked = _photo_batch(tmp_path / "masked", models, 255)
+    full = _photo_batch(tmp_path / "full", models, 1)
+    (tmp_path / "full" / "face_mask.png").unlink()  # no mask file: the whole photo counts
+    assert torch.equal(full.id_vectors, masked.id_vectors)
     with torch.no_grad():
         a = loss_fn(models, masked, torch.Generator().manual_seed(2))[0]
         b = loss_fn(models, full, torch.Generator().manual_seed(2))[0]
@@ -61,7 +65,7 @@ def test_mask_limits_the_loss_to_the_face(models, tmp_path):
 def test_random_ids_need_no_photo(models):
     space = FaceSpace(None, models.id_dim, random_id_prob=0.4, id_noise_std=0.0)
     batch = space.sample(3, torch.Generator().manual_seed(0))
-    assert not bool(batch.has_image.any()) and batch.pixels is None
+    assert not bool(batch.has_image.any()) and batch.photos is None
     loss, _ = FaceDistillationLoss(FaceLossConfig(chain_steps=2), 8)(models, batch, torch.Generator().manual_seed(0))
     assert torch.isfinite(loss)
 

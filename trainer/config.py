@@ -46,6 +46,9 @@ class DataConfig:
     """Std of the Gaussian noise added to real ArcFace vectors (before renormalising)."""
     cache_file: str = ""
     """ArcFace vector cache (safetensors); '' = ``<output>/face_ids.safetensors``."""
+    photo_cache_gb: float = 4.0
+    """Host memory, per process, for the photos' VAE latents (about 68 KiB a photo at 512x512): a cached photo
+    is neither decoded nor encoded again. 0 encodes every photo at every use."""
 
 
 @dataclass
@@ -155,6 +158,8 @@ class TrainConfig:
                     problems.append(f"{name}.expansion.factors entries must be non-empty lists of ints >= 1")
         if not 0.0 <= self.data.random_id_prob <= 1.0:
             problems.append("data.random_id_prob must be in [0, 1]")
+        if self.data.photo_cache_gb < 0:
+            problems.append("data.photo_cache_gb must be >= 0")
         if self.data.image_size % 8:
             problems.append("data.image_size must be a multiple of 8 (the VAE's downsampling)")
         if self.run.mixed_precision not in ("no", "bf16"):

@@ -3,6 +3,9 @@
 Random IDs (probability ``random_id_prob``, reference 0.4) have no photo; the face-distillation loss
 then starts its chain from the teacher's own x0 estimate (see ``losses_face``). All randomness comes
 from the generator passed in, so a resumed run draws exactly what an uninterrupted one would.
+
+A batch names its photos by index; the loss turns them into VAE latents through ``PhotoLatents``,
+which encodes each photo once and serves it from memory afterwards.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import FaceImages
+from .photo_latents import DEFAULT_CACHE_BYTES, PhotoLatents
 
 logger = logging.getLogger(__name__)
 
@@ -25,10 +29,10 @@ class FaceBatch:
     """``[B, D]`` unit vectors."""
     has_image: torch.Tensor
     """``[B]`` bool: True where the ID is a real photo's."""
-    pixels: Optional[torch.Tensor] = None
-    """``[B, 3, S, S]`` in [-1, 1] (zeros where ``has_image`` is False); None when no row has a photo."""
-    masks: Optional[torch.Tensor] = None
-    """``[B, 1, S, S]`` face masks (ones where no mask file or no photo)."""
+    image_index: Optional[torch.Tensor] = None
+    """``[B]`` long: the photo of each row in ``photos`` (-1 where ``has_image`` is False); None when no row has one."""
+    photos: Optional[PhotoLatents] = None
+    """Where the indexed photos' latents and masks come from."""
     class_words: Optional[list[Optional[str]]] = None
     """Per row, the photo's class word from ``class.txt`` (None: random ID or no metadata)."""
 
@@ -40,8 +44,10 @@ def id_projection(in_dim: int, out_dim: int, seed: int) -> torch.Tensor:
 
 
 class FaceSpace:
-    def __init__(self, images: Optional[FaceImages], id_dim: int, random_id_prob: float, id_noise_std: float, seed: int = 0):
+    def __init__(self, images: Optional[FaceImages], id_dim: int, random_id_prob: float, id_noise_std: float, seed: int = 0,
+                 photo_cache_bytes: int = DEFAULT_CACHE_BYTES):
         self.images = images
+        self.photos = PhotoLatents(images, photo_cache_bytes) if images is not None and len(images) else None
         self.id_dim = id_dim
         self.random_id_prob = 1.0 if images is None or len(images) == 0 else random_id_prob
         self.id_noise_std = id_noise_std
@@ -68,11 +74,5 @@ class FaceSpace:
         noise = torch.randn(batch_size, self.id_dim, generator=generator) * self.id_noise_std
         real = F.normalize(self._real_vectors(index) + noise, dim=-1)
         ids = torch.where(is_random[:, None], ids, real)
-        size = self.images.image_size
-        pixels = torch.zeros(batch_size, 3, size, size)
-        masks = torch.ones(batch_size, 1, size, size)
-        for row in range(batch_size):
-            if not is_random[row]:
-                pixels[row], masks[row] = self.images.load(int(index[row]))
         words = [None if is_random[row] else self.images.class_word(int(index[row])) for row in range(batch_size)]
-        return FaceBatch(ids, ~is_random, pixels, masks, words)
+        return FaceBatch(ids, ~is_random, torch.where(is_random, -1, index), self.photos, words)

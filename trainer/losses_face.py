@@ -22,7 +22,6 @@ from typing import Optional
 import torch
 
 from .config import FaceLossConfig
-from .data import downsample_mask
 from .face_space import FaceBatch, FaceSpace
 from .models import Models
 
@@ -74,12 +73,12 @@ class FaceDistillationLoss:
                  cfg_scale: Optional[torch.Tensor], use_masks: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """(x0 ``[B, 4, h, w]``, face mask ``[B, 1, h, w]``) a sample starts from.
 
-        A photo gives its VAE latent and its mask; a random ID the teacher's one-step estimate from
+        A photo gives its VAE latent and its mask (``batch.photos``: encoded once, then cached); a random ID the teacher's one-step estimate from
         ``pure_noise`` at t = T-1 and the whole latent. Only the random rows run the teacher.
         """
         device, size = models.device, self.latent_size
         b = pure_noise.shape[0]
-        has_image = batch.has_image if batch.pixels is not None else torch.zeros(b, dtype=torch.bool)
+        has_image = batch.has_image if batch.photos is not None else torch.zeros(b, dtype=torch.bool)
         x0 = torch.zeros(b, 4, size, size, device=device)
         mask = torch.ones(b, 1, size, size, device=device)
         if not bool(has_image.all()):  # host tensors: no device sync
@@ -90,12 +89,10 @@ class FaceDistillationLoss:
             x0[rows] = self.x0(models, noise, self.teacher_eps(models, noise, t_top, teacher_ctx[rows], scale), t_top)
         if bool(has_image.any()):
             rows = has_image.nonzero().flatten()
-            latents = models.encode_images(batch.pixels[rows])
-            if latents.shape[-1] != size:
-                raise ValueError(f"VAE latents are {latents.shape[-1]} wide, expected {size}")
+            latents, masks = batch.photos.get(models, batch.image_index[rows].tolist(), size)
             x0[rows.to(device)] = latents.to(x0)
-            if use_masks and batch.masks is not None:
-                mask[rows.to(device)] = downsample_mask(batch.masks[rows], (size, size)).to(device)
+            if use_masks:
+                mask[rows.to(device)] = masks
         return x0, mask
 
     def __call__(self, models: Models, batch: FaceBatch, generator: torch.Generator):

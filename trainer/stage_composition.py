@@ -32,6 +32,7 @@ from .loop import heldout_loss
 from .losses_composition import CompositionLossWeights, composition_step
 from .losses_face import FaceDistillationLoss, FaceStage
 from .models import Models
+from .prompt_cache import FrozenPromptCache
 from .stages import build_face_space, face_analyzer_factory, vae_downsampling
 
 logger = logging.getLogger(__name__)
@@ -115,6 +116,8 @@ class CompositionStage:
         self.face_loss = face_loss
         self.weights = weights or settings.weights
         self.heldout: Optional[tuple[CompositionStage, FaceStage]] = None
+        self.class_prompts = FrozenPromptCache()
+        """The class prompts' embeddings (frozen encoder, a finite pool): encoded once each."""
 
     def sample_batch(self, batch_size: int, generator: torch.Generator) -> CompositionBatch:
         faces = self.face_space.sample(batch_size, generator)
@@ -149,7 +152,7 @@ class CompositionStage:
         with torch.no_grad():
             enc = models.id_encoder(batch.faces.id_vectors.to(device, dtype))
             x_t, masks = self.start_latents(models, batch, enc.prompt_embeds.detach())
-            class_embeds = models.encode_prompts([q.class_single for q in quads] + [q.class_comp for q in quads])
+            class_embeds = self.class_prompts.encode(models, [q.class_single for q in quads] + [q.class_comp for q in quads])
         subject = models.inverter(enc.id_tokens.detach().float())
         subject_embeds = models.encode_with_subject([q.subject_single for q in quads] + [q.subject_comp for q in quads],
                                                     self.placeholder, torch.cat([subject, subject]))

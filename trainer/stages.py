@@ -66,7 +66,8 @@ def build_face_space(config: TrainConfig, models: Models, accelerator, output: P
     else:
         logger.info("no data.root: training on random IDs only (the teacher makes its own images)")
     prob = data.random_id_prob if random_id_prob is None else random_id_prob
-    return FaceSpace(images, models.id_dim, prob, data.id_noise_std, seed=config.run.seed)
+    return FaceSpace(images, models.id_dim, prob, data.id_noise_std, seed=config.run.seed,
+                     photo_cache_bytes=int(data.photo_cache_gb * 2**30))
 
 
 def build_face_stage(config: TrainConfig, stage_config: StageConfig, models: Models, accelerator, output: Path) -> Stage:
