@@ -34,7 +34,7 @@ PLAN: list[tuple[str, str, list[str]]] = [
     ("stage1", "train_step", STAGE1),
     ("stage2", "train_step", STAGE2),
     ("face_pipeline", "face_pipeline", ["--dtype", "fp16", "--face-provider", "auto", "--warmup", "5", "--repeats", "50"]),
-    ("photo_latents", "photo_latents", ["--warmup", "2", "--repeats", "10"]),
+    ("photo_latents", "photo_latents", ["--dtype", "bf16", "--warmup", "2", "--repeats", "10"]),
     ("stage1_channels_last", "train_step", STAGE1 + ["--channels-last"]),
     ("stage2_channels_last", "train_step", STAGE2 + ["--channels-last"]),
     ("stage2_checkpointing", "train_step", STAGE2 + ["--gradient-checkpointing"]),

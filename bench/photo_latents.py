@@ -3,8 +3,9 @@ encode) against the trainer's photo latent cache (``trainer.photo_latents``), si
 
 What the cache removes from every step after the first pass over the data: the host's image decoding
 (the same work on any machine's CPU, serial with the GPU's in the trainer) and the VAE encoder's GPU
-time. The VAE is SD1.5's architecture with random weights (``trainer/sd15_configs/vae``); its FLOPs per
-photo are counted with ``torch.utils.flop_counter``. Photos: real ones from ``../shared/data/faces``
+time. The VAE is SD1.5's architecture with random weights (``trainer/sd15_configs/vae``), float32 weights
+as the trainer keeps it, run under ``--dtype`` autocast as the trainer's mixed precision runs it; its FLOPs
+per photo are counted with ``torch.utils.flop_counter``. Photos: real ones from ``../shared/data/faces``
 (the labeled photos at least ``--image-size`` wide, like FFHQ-style training data), or ``--photos DIR``.
 """
 
@@ -14,7 +15,8 @@ import json
 import sys
 import tempfile
 from pathlib import Path
-from types import SimpleNamespace
+from contextlib import nullcontext
+from dataclasses import dataclass
 
 import torch
 from PIL import Image
@@ -26,19 +28,31 @@ from face_pipeline import FACES  # noqa: E402
 
 from adaface_core.tiny_models import write_vae_folder  # noqa: E402
 from trainer.data import IMAGE_SUFFIXES, FaceImages, downsample_mask  # noqa: E402
-from trainer.models import Models  # noqa: E402
+from trainer.models import vae_latents  # noqa: E402
 from trainer.photo_latents import PhotoLatents  # noqa: E402
 
 
-def random_vae(tiny: bool, tmp: Path):
-    """SD1.5's AutoencoderKL with random weights (or the tests' tiny one), in float32 as the trainer keeps it."""
+@dataclass
+class VaeOnly:
+    """The part of ``trainer.models.Models`` the photo cache uses."""
+
+    vae: torch.nn.Module
+    device: torch.device
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        return vae_latents(self.vae, pixels, self.device)
+
+
+def random_vae(tiny: bool, tmp: Path, device: torch.device) -> torch.nn.Module:
+    """SD1.5's AutoencoderKL with random weights (or the tests' tiny one), float32 as the trainer keeps it."""
     from diffusers import AutoencoderKL
 
     if tiny:
-        return AutoencoderKL.from_pretrained(str(write_vae_folder(spec_for(True), tmp / "vae")))
+        return AutoencoderKL.from_pretrained(str(write_vae_folder(spec_for(True), tmp / "vae"))).to(device)
     config = json.loads((REPO / "trainer" / "sd15_configs" / "vae" / "config.json").read_text(encoding="utf-8"))
     torch.manual_seed(0)
-    return AutoencoderKL(**{k: v for k, v in config.items() if not k.startswith("_")})
+    with torch.device(device):
+        return AutoencoderKL(**{k: v for k, v in config.items() if not k.startswith("_")})
 
 
 def image_size(path: Path) -> tuple[int, int]:
@@ -46,13 +60,14 @@ def image_size(path: Path) -> tuple[int, int]:
         return img.size
 
 
-def training_photos(root: Path, count: int, min_side: int) -> list[Path]:
-    """``count`` photos at least ``min_side`` px on their shorter side (largest first, so the cost is not flattered)."""
+def training_photos(root: Path, count: int, min_side: int) -> dict[Path, tuple[int, int]]:
+    """``count`` photos at least ``min_side`` px on their shorter side, with their sizes (largest first, so the
+    cost is not flattered)."""
     sizes = {p: image_size(p) for p in sorted(root.rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES}
     usable = sorted((p for p, wh in sizes.items() if min(wh) >= min_side), key=lambda p: -sizes[p][0] * sizes[p][1])
     if len(usable) < count:
         raise SystemExit(f"need {count} photos of at least {min_side} px under {root}, found {len(usable)}")
-    return usable[:count]
+    return {p: sizes[p] for p in usable[:count]}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -62,19 +77,18 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--photos", type=Path, help="a folder of training photos (default: the shared labeled faces)")
     parser.set_defaults(warmup=1, repeats=5)
     args = parser.parse_args(argv)
-    device, _ = resolve(args)
+    device, dtype = resolve(args)
     size = args.image_size or (64 if args.tiny else 512)
     root = args.photos or FACES / "labeled"
-    paths = training_photos(root, args.batch, size)
+    photo_sizes = training_photos(root, args.batch, size)
+    paths = list(photo_sizes)
     with tempfile.TemporaryDirectory(prefix="bench_photos_") as tmp:
-        vae = random_vae(args.tiny, Path(tmp)).to(device).eval().requires_grad_(False)
-    models = SimpleNamespace(vae=vae, device=device)
-    models.encode_images = lambda pixels: Models.encode_images(models, pixels)
+        vae = random_vae(args.tiny, Path(tmp), device).eval().requires_grad_(False)
+    models = VaeOnly(vae, device)
     images = FaceImages(root, paths, torch.zeros(len(paths), 512), size)
     latent = size // 2 ** (len(vae.config.block_out_channels) - 1)
     indices = list(range(len(paths)))
     warm = PhotoLatents(images)
-    warm.get(models, indices, latent)
     loaded = [images.load(i) for i in indices]
 
     def load_all():
@@ -91,13 +105,15 @@ def main(argv: list[str] | None = None) -> dict:
         "uncached: load + VAE encode": lambda: PhotoLatents(images, max_bytes=0).get(models, indices, latent),
         "cached": lambda: warm.get(models, indices, latent),
     }
-    with torch.inference_mode():
+    precision = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+    with torch.inference_mode(), precision:
+        warm.get(models, indices, latent)
         timings = time_interleaved(fns, device, args.warmup, args.repeats)
         with FlopCounterMode(display=False) as counter:
             models.encode_images(loaded[0][0][None])
     results = {name: t.summary() for name, t in timings.items()}
-    results |= {"photos": [f"{p.relative_to(root).as_posix()} {'x'.join(map(str, image_size(p)))}" for p in paths],
-                "image_size": size, "latent_size": latent, "vae_encode_flops_per_photo": counter.get_total_flops(),
+    results |= {"photos": [f"{p.relative_to(root).as_posix()} {w}x{h}" for p, (w, h) in photo_sizes.items()],
+                "image_size": size, "latent_size": latent, "autocast": str(dtype) if dtype != torch.float32 else None, "vae_encode_flops_per_photo": counter.get_total_flops(),
                 "cache_bytes_per_photo": warm.cached_bytes // len(paths)}
     rows = [(f"{name}, {len(paths)} photos", t.text()) for name, t in timings.items()]
     rows += [("VAE encoder FLOPs per photo", f"{counter.get_total_flops() / 1e9:.1f} GFLOP"),

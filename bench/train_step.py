@@ -4,6 +4,7 @@
 The step is the trainer's own ``Trainer.train_step`` (sample a batch, the stage's loss, backward, clip,
 optimizer step) on the stage its registry builds, so a change in the trainer shows up here. Random IDs
 only (no photos, no VAE): the teacher makes its own starting latents, as stage 1 does for 40 % of IDs.
+Stage 2 encodes its class prompts when it is built, as in training, so its steps are timed warm.
 FLOPs are what ``torch.utils.flop_counter`` counts in one step (with gradient checkpointing that
 includes the recomputed forward); MFU = FLOPs / median step time / --peak-tflops.
 """

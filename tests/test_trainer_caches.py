@@ -8,6 +8,7 @@ cached embedding equals the text encoder's, and the cache forgets the least rece
 from __future__ import annotations
 
 import json
+import threading
 
 import numpy as np
 import pytest
@@ -42,14 +43,16 @@ def photos(tmp_path):
 
 
 class Counting:
-    """Counts the photo loads and VAE encodes behind a ``PhotoLatents``."""
+    """Counts the photo loads (made from the cache's loader threads) and VAE encodes behind a ``PhotoLatents``."""
 
     def __init__(self, monkeypatch, images, models):
         self.loads = self.encodes = 0
+        lock = threading.Lock()
         load, encode = images.load, models.encode_images
 
         def counted_load(index):
-            self.loads += 1
+            with lock:
+                self.loads += 1
             return load(index)
 
         def counted_encode(pixels):
@@ -74,10 +77,15 @@ def test_a_photo_is_decoded_and_encoded_once(models, photos, monkeypatch):
         assert torch.equal(masks[row], expected_masks[index])
     assert 0 < float(masks[0].mean()) < 1 and float(masks[1].mean()) == 1.0  # p0's mask file; p1 has none
 
-    again, _ = cache.get(models, [1, 2, 0], LATENT)
+    kept = latents.clone()
+    latents.add_(1.0)
+    masks.zero_()  # the caller's tensors are its own: the cache is unchanged
+    again, again_masks = cache.get(models, [1, 2, 0], LATENT)
     assert (count.loads, count.encodes) == (3, 3)  # only photo 2 was new
-    assert torch.equal(again[0], latents[1]) and torch.equal(again[2], latents[0])
+    assert torch.equal(again[0], kept[1]) and torch.equal(again[2], kept[0])
+    assert torch.equal(again_masks[2], expected_masks[0])
     assert (cache.hits, cache.misses, len(cache)) == (3, 3, 3)
+    assert cache.get(models, [], LATENT)[0].shape == (0, 4, LATENT, LATENT)
 
 
 def test_a_latent_does_not_depend_on_the_batch_that_first_needed_it(models, photos):
@@ -119,7 +127,17 @@ def test_resume_with_photos_equals_an_uninterrupted_run(models_root, tmp_path, t
         values["data"].update(root=str(data), random_id_prob=0.5, image_size=32)
         return write_config(tmp_path / f"{name}.yaml", values)
 
-    full = weights(run_cli(config("straight")).stages[0].final_checkpoint)
+    served = []
+    get = PhotoLatents.get
+
+    def recording_get(self, models, indices, latent_size):
+        served.append((self.hits, self.misses))
+        return get(self, models, indices, latent_size)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(PhotoLatents, "get", recording_get)
+        full = weights(run_cli(config("straight")).stages[0].final_checkpoint)
+    assert served and served[-1][0] > 0 and served[-1][1] == 2  # photos were drawn; each encoded once, then served
     with safe_open(str(tmp_path / "straight" / "face_ids.safetensors"), framework="pt") as cached:
         assert len(json.loads(cached.metadata()["keys"])) == 2  # both photos are in play (half the rows)
     split = config("split")
@@ -129,19 +147,39 @@ def test_resume_with_photos_equals_an_uninterrupted_run(models_root, tmp_path, t
     assert_same_weights(full, weights(resumed.stages[0].final_checkpoint))
 
 
-def test_class_prompt_embeddings_equal_the_encoders_and_are_computed_once(models, monkeypatch):
-    prompts = ["a photo of a person", "a photo of a person riding a horse", "a photo of a woman"]
-    expected = models.encode_prompts(prompts)
-    cache = FrozenPromptCache(max_prompts=2)
+def test_class_prompt_embeddings_are_each_prompts_own_and_computed_once(models, monkeypatch):
+    prompts = ["a photo of a person", "a photo of a person riding a horse"]
+    cache = FrozenPromptCache()
     encoded = []
     encode = models.encode_prompts
     monkeypatch.setattr(models, "encode_prompts", lambda p: encoded.extend(p) or encode(p))
 
-    first = cache.encode(models, prompts[:2] + prompts[:1])
-    assert torch.allclose(first, torch.stack([expected[0], expected[1], expected[0]]), atol=1e-5)
-    assert encoded == prompts[:2] and (cache.hits, cache.misses) == (1, 2)
-    assert torch.equal(cache.encode(models, prompts[1:2])[0], first[1])  # a hit is the very tensor cached
-    cache.encode(models, prompts[2:])  # a third prompt: the least recently used ("a photo of a person") goes
-    assert len(cache) == 2 and encoded == prompts
-    cache.encode(models, prompts[:1])
-    assert encoded == prompts + prompts[:1]
+    first = cache.encode(models, prompts + prompts[:1])
+    assert torch.equal(first[0], encode(prompts[:1])[0]) and torch.equal(first[1], encode(prompts[1:])[0])
+    assert torch.allclose(first[:2], encode(prompts), atol=1e-5)  # what one batched pass gives, to rounding
+    assert encoded == prompts and (cache.hits, cache.misses) == (1, 2)
+    first.add_(1.0)  # the caller's tensor is its own
+    again = cache.encode(models, prompts[1:])
+    assert torch.equal(again[0], encode(prompts[1:])[0]) and encoded == prompts
+    cache.warm(models, prompts + ["a photo of a woman"])
+    assert encoded == prompts + ["a photo of a woman"] and len(cache) == 3
+
+
+def test_stage2_encodes_every_class_prompt_once_when_built(models_root, tmp_path):
+    from trainer.config import config_from_dict
+    from trainer.models import build_models
+    from trainer.run import make_accelerator
+    from trainer.stage_composition import build_stage
+    from tests.test_trainer_stage2 import stage2_config
+
+    config = config_from_dict(stage2_config(models_root, tmp_path))
+    models = build_models(config, torch.device("cpu"))
+    stage = build_stage(config, config.composition, models, make_accelerator(config), tmp_path)
+    built = stage.class_prompts.misses
+    assert built == len(stage.pool) + 1 == len(stage.class_prompts)  # 'a photo of a person' + one per composition
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        batch = stage.sample_batch(2, generator)
+        with torch.no_grad():
+            stage.loss(models, batch, generator)
+    assert stage.class_prompts.misses == built and stage.class_prompts.hits == 3 * 2 * 2

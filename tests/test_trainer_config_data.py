@@ -67,6 +67,8 @@ def test_config_errors_are_named():
         config_from_dict({"run": {"mixed_precision": "fp16"}}).validate(check_paths=False)
     with pytest.raises(ConfigError, match="optimizer"):
         config_from_dict({"face": {"optim": {"optimizer": "sgd"}}}).validate(check_paths=False)
+    with pytest.raises(ConfigError, match="data.photo_cache_gb must be >= 0"):
+        config_from_dict({"data": {"photo_cache_gb": -1}}).validate(check_paths=False)
 
 
 def test_single_file_sd_checkpoint_without_a_tokenizer_says_which_to_add(tmp_path):

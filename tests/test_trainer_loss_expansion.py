@@ -20,13 +20,15 @@ def models(tiny_models):
     return build_models(config, torch.device("cpu"))
 
 
-def _photo_batch(tmp_path, models, mask_value):
+def _photo_batch(tmp_path, models, mask_value=None):
+    """Two draws of one 64 px photo; its mask file's centre is ``mask_value`` (None: no mask file)."""
     tmp_path.mkdir(parents=True, exist_ok=True)
     photo = tmp_path / "face.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(photo)
-    mask = np.zeros((64, 64), np.uint8)
-    mask[16:48, 16:48] = mask_value
-    Image.fromarray(mask).save(tmp_path / "face_mask.png")
+    if mask_value is not None:
+        mask = np.zeros((64, 64), np.uint8)
+        mask[16:48, 16:48] = mask_value
+        Image.fromarray(mask).save(tmp_path / "face_mask.png")
     ids = F.normalize(torch.randn(1, 512, generator=torch.Generator().manual_seed(0)), dim=-1)
     images = FaceImages(tmp_path, [photo], ids, 64)
     space = FaceSpace(images, models.id_dim, random_id_prob=0.0, id_noise_std=0.01)
@@ -51,8 +53,7 @@ def test_loss_on_photos_trains_only_the_inverter(models, tmp_path):
 def test_mask_limits_the_loss_to_the_face(models, tmp_path):
     loss_fn = FaceDistillationLoss(FaceLossConfig(chain_steps=1, cfg_prob=0.0), latent_size=8)
     masked = _photo_batch(tmp_path / "masked", models, 255)
-    full = _photo_batch(tmp_path / "full", models, 1)
-    (tmp_path / "full" / "face_mask.png").unlink()  # no mask file: the whole photo counts
+    full = _photo_batch(tmp_path / "full", models)  # no mask file: the whole photo counts
     assert torch.equal(full.id_vectors, masked.id_vectors)
     with torch.no_grad():
         a = loss_fn(models, masked, torch.Generator().manual_seed(2))[0]

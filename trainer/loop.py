@@ -107,6 +107,11 @@ def build_lr_scheduler(optimizer, config: OptimConfig, step: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor, last_epoch=step - 1)
 
 
+def precision_context(accelerator):
+    """The autocast training runs under (none in full precision)."""
+    return accelerator.autocast() if accelerator.mixed_precision != "no" else nullcontext()
+
+
 def trainable_parameters(inverter: PromptInverter) -> list[torch.nn.Parameter]:
     return [p for p in inverter.parameters() if p.requires_grad]
 
@@ -225,7 +230,7 @@ class Trainer:
         metrics: dict[str, torch.Tensor] = {}
         for _ in range(optim.grad_accum):
             batch = self.stage.sample_batch(optim.batch_size, self.generator)
-            with self.accelerator.autocast() if self.accelerator.mixed_precision != "no" else nullcontext():
+            with precision_context(self.accelerator):
                 loss, metrics = self.stage.loss(self.models, batch, self.generator)
             (loss / optim.grad_accum).backward()
             total += loss.detach().float() / optim.grad_accum

@@ -66,13 +66,18 @@ class Models:
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
         return self.text_encoder(input_ids=self.prompt_ids(prompts)).last_hidden_state
 
-    @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """``[B, 3, S, S]`` in [-1, 1] -> scaled VAE latents (the mean of the posterior: deterministic)."""
         if self.vae is None:
             raise ConfigError("no VAE was loaded")
-        latents = self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist.mean
-        return latents.float() * float(self.vae.config.scaling_factor)
+        return vae_latents(self.vae, pixels, self.device)
+
+
+@torch.no_grad()
+def vae_latents(vae: torch.nn.Module, pixels: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``[B, 3, S, S]`` in [-1, 1] -> the posterior mean times the VAE's scaling factor, float32 on ``device``."""
+    latents = vae.encode(pixels.to(device, vae.dtype)).latent_dist.mean
+    return latents.float() * float(vae.config.scaling_factor)
 
 
 def _load_unet(folder: Path, what: str, dtype: torch.dtype = torch.float32):

@@ -1,9 +1,11 @@
 """The training photos as the losses use them: scaled VAE latents and latent-resolution face masks, cached.
 
 Why a cache: a photo's latent (the posterior mean of a frozen VAE, no augmentation) and its mask never
-change, yet decoding the file, resizing it and running the VAE encoder cost as much as a good part of a
-training step. Each photo is therefore encoded once, on first use, and kept on the host (up to
-``max_bytes`` per process); after the first pass over the data a step decodes no image and runs no VAE.
+change, yet decoding the file, resizing it and running the VAE encoder (1.08 TFLOP at 512x512, more
+than a UNet forward) cost a good part of a training step. Each photo is therefore encoded once, the first
+time it is drawn, and kept on the host (up to ``max_bytes``; each process and each stage keeps its own):
+a photo drawn again is neither decoded nor encoded. Photos beyond the budget are encoded at every use.
+Masks are read at that first use too, so ``images.fallback_masks`` must be set before training starts.
 
 Each photo is encoded on its own (batch of one), so its latent does not depend on which batch first
 needed it: a resumed run, whose cache starts empty, gets bit-identical latents.
@@ -13,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from concurrent.futures import ThreadPoolExecutor
-from typing import Sequence
+from typing import Protocol, Sequence
 
 import torch
 
@@ -27,8 +29,18 @@ LOAD_THREADS = 4
 """Image decoding releases the GIL: a batch's uncached photos are read in parallel."""
 
 
+class LatentEncoder(Protocol):
+    """What the cache needs of ``trainer.models.Models``: its device and its VAE encode."""
+
+    device: torch.device
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor: ...
+
+
 class PhotoLatents:
-    """``get(models, indices, latent_size)`` -> the photos' latents and masks on ``models.device``."""
+    """``get(models, indices, latent_size)`` -> the photos' latents and masks on ``models.device``.
+
+    ``hits`` counts rows served without encoding, ``misses`` photos encoded."""
 
     def __init__(self, images: FaceImages, max_bytes: int = DEFAULT_CACHE_BYTES):
         self.images = images
@@ -44,10 +56,15 @@ class PhotoLatents:
 
     @property
     def cached_bytes(self) -> int:
+        """Host memory the cached latents and masks hold."""
         return self._bytes
 
-    def get(self, models, indices: Sequence[int], latent_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(latents ``[n, 4, s, s]``, masks ``[n, 1, s, s]`` in {0, 1}) of photos ``indices``, ``s = latent_size``."""
+    def get(self, models: LatentEncoder, indices: Sequence[int], latent_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(latents ``[n, 4, s, s]``, masks ``[n, 1, s, s]`` in {0, 1}) of photos ``indices``, ``s = latent_size``;
+        new tensors, so a caller may change them in place."""
+        if not indices:
+            return (torch.zeros(0, 4, latent_size, latent_size, device=models.device),
+                    torch.zeros(0, 1, latent_size, latent_size, device=models.device))
         entries: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         misses = []
         for index in dict.fromkeys(int(i) for i in indices):
@@ -65,7 +82,7 @@ class PhotoLatents:
         masks = torch.stack([entries[int(i)][1] for i in indices])
         return latents.to(models.device), masks.to(models.device, torch.float32)
 
-    def _encode(self, models, indices: list[int], size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def _encode(self, models: LatentEncoder, indices: list[int], size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         if not indices:
             return []
         if len(indices) == 1:

@@ -1,30 +1,37 @@
 """CLIP embeddings of prompts without a trainable token (stage 2's class prompts), cached by their text.
 
 Why: the frozen SD1.5 text encoder gives "a photo of a person riding a horse" the same embedding at every
-step, and stage 2 draws its class prompts from a pool of a few hundred compositions, so after a short
-while every class prompt is a cache hit and a step runs one text-encoder pass (the subject prompts')
-instead of two. Each prompt is encoded on its own, so its embedding does not depend on the batch that
-first needed it and a resumed run (cache empty) sees the embeddings an uninterrupted run cached.
+step, and stage 2 draws its class prompts from a finite set (the composition pool times the class words of
+its photos). The stage encodes that whole set once when it is built (``warm``), so a training step runs
+one text-encoder pass (the subject prompts') instead of two. Each prompt is encoded on its own, so its
+embedding does not depend on which batch it came with and a resumed run sees exactly the embeddings of
+an uninterrupted one.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from typing import Sequence
+import logging
+from typing import Any, Iterable, Protocol, Sequence
 
 import torch
 
-DEFAULT_MAX_PROMPTS = 2048
-"""About 240 MB at CLIP-L width in bf16; the packaged pool has 407 compositions per class word."""
+logger = logging.getLogger(__name__)
+
+
+class PromptEncoder(Protocol):
+    """What the cache needs of ``trainer.models.Models``."""
+
+    text_encoder: Any
+
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor: ...
 
 
 class FrozenPromptCache:
-    """``encode(models, prompts)`` -> ``[B, 77, H]``, equal to ``models.encode_prompts(prompts)``; least recently
-    used prompts are dropped beyond ``max_prompts``."""
+    """``encode(models, prompts)`` -> ``[B, 77, H]``: each prompt's embedding as ``models.encode_prompts([prompt])``
+    gives it, computed once per prompt and kept on the encoder's device."""
 
-    def __init__(self, max_prompts: int = DEFAULT_MAX_PROMPTS):
-        self.max_prompts = max(0, int(max_prompts))
-        self._embeds: OrderedDict[str, torch.Tensor] = OrderedDict()
+    def __init__(self) -> None:
+        self._embeds: dict[str, torch.Tensor] = {}
         self._encoder = None
         self.hits = 0
         self.misses = 0
@@ -32,8 +39,14 @@ class FrozenPromptCache:
     def __len__(self) -> int:
         return len(self._embeds)
 
+    @property
+    def cached_bytes(self) -> int:
+        """Device memory the cached embeddings hold."""
+        return sum(t.numel() * t.element_size() for t in self._embeds.values())
+
     @torch.no_grad()
-    def encode(self, models, prompts: Sequence[str]) -> torch.Tensor:
+    def encode(self, models: PromptEncoder, prompts: Sequence[str]) -> torch.Tensor:
+        """The prompts' embeddings, a new tensor (a caller may change it in place)."""
         if self._encoder is not models.text_encoder:  # another encoder: nothing cached applies
             self._embeds.clear()
             self._encoder = models.text_encoder
@@ -42,13 +55,14 @@ class FrozenPromptCache:
             embed = self._embeds.get(prompt)
             if embed is None:
                 self.misses += 1
-                embed = models.encode_prompts([prompt])[0]
-                if self.max_prompts:
-                    self._embeds[prompt] = embed
-                    if len(self._embeds) > self.max_prompts:
-                        self._embeds.popitem(last=False)
+                embed = self._embeds[prompt] = models.encode_prompts([prompt])[0]
             else:
                 self.hits += 1
-                self._embeds.move_to_end(prompt)
             rows.append(embed)
         return torch.stack(rows)
+
+    def warm(self, models: PromptEncoder, prompts: Iterable[str]) -> None:
+        """Encodes every prompt not cached yet (call it under the precision training runs in)."""
+        for prompt in dict.fromkeys(prompts):
+            self.encode(models, [prompt])
+        logger.info("%d class-prompt embeddings cached (%.0f MiB)", len(self), self.cached_bytes / 2**20)

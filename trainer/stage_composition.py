@@ -24,11 +24,12 @@ from typing import Optional, Union
 
 import torch
 
-from .compositions import CompositionPool, PromptQuad, aligned_token_index, load_composition_pool, sample_prompts
+from .compositions import (CompositionPool, PromptQuad, aligned_token_index, build_prompts, load_composition_pool,
+                           sample_prompts)
 from .config import StageConfig, TrainConfig, section_from_mapping
 from .face_masks import attach_detector_masks
 from .face_space import FaceBatch, FaceSpace
-from .loop import heldout_loss
+from .loop import heldout_loss, precision_context
 from .losses_composition import CompositionLossWeights, composition_step
 from .losses_face import FaceDistillationLoss, FaceStage
 from .models import Models
@@ -117,7 +118,17 @@ class CompositionStage:
         self.weights = weights or settings.weights
         self.heldout: Optional[tuple[CompositionStage, FaceStage]] = None
         self.class_prompts = FrozenPromptCache()
-        """The class prompts' embeddings (frozen encoder, a finite pool): encoded once each."""
+        """The class prompts' embeddings (frozen encoder, a finite set): encoded once each."""
+
+    def class_prompt_texts(self) -> list[str]:
+        """Every class prompt this stage can draw: each composition with each of its photos' class words."""
+        words = {self.settings.class_word}
+        images = self.face_space.images
+        if images is not None:
+            words |= {w for w in (images.class_word(i) for i in range(len(images))) if w}
+        quads = [build_prompts(entry, word, self.placeholder, self.settings.template)
+                 for word in sorted(words) for entry in self.pool.entries]
+        return [q.class_single for q in quads] + [q.class_comp for q in quads]
 
     def sample_batch(self, batch_size: int, generator: torch.Generator) -> CompositionBatch:
         faces = self.face_space.sample(batch_size, generator)
@@ -190,6 +201,8 @@ def build_stage(config: TrainConfig, stage_config: StageConfig, models: Models, 
     delta_only = dataclasses.replace(settings.weights, face_preserve=0.0)
     stage.heldout = (CompositionStage(heldout_ids, heldout_pool, settings, placeholder, face_loss, T, delta_only),
                      FaceStage(heldout_ids, face_loss))
+    with precision_context(accelerator):  # the training steps' precision, so warm and later encodes agree
+        stage.class_prompts.warm(models, stage.class_prompt_texts())
     logger.info("composition stage: %d training / %d held-out compositions, layers %s, t in %s·T",
                 len(pool), len(heldout_pool), settings.layers, settings.t_range)
     return stage
