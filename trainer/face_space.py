@@ -44,8 +44,8 @@ def id_projection(in_dim: int, out_dim: int, seed: int) -> torch.Tensor:
 
 
 class FaceSpace:
-    def __init__(self, images: Optional[FaceImages], id_dim: int, random_id_prob: float, id_noise_std: float, seed: int = 0,
-                 photo_cache_bytes: int = DEFAULT_CACHE_BYTES):
+    def __init__(self, images: Optional[FaceImages], id_dim: int, random_id_prob: float, id_noise_std: float,
+                 seed: int = 0, photo_cache_bytes: int = DEFAULT_CACHE_BYTES):
         self.images = images
         self.photos = PhotoLatents(images, photo_cache_bytes) if images is not None and len(images) else None
         self.id_dim = id_dim

@@ -73,8 +73,9 @@ class FaceDistillationLoss:
                  cfg_scale: Optional[torch.Tensor], use_masks: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """(x0 ``[B, 4, h, w]``, face mask ``[B, 1, h, w]``) a sample starts from.
 
-        A photo gives its VAE latent and its mask (``batch.photos``: encoded once, then cached); a random ID the teacher's one-step estimate from
-        ``pure_noise`` at t = T-1 and the whole latent. Only the random rows run the teacher.
+        A photo gives its VAE latent and its mask (``batch.photos``: encoded once, then cached); a random ID
+        the teacher's one-step estimate from ``pure_noise`` at t = T-1 and the whole latent. Only the random
+        rows run the teacher.
         """
         device, size = models.device, self.latent_size
         b = pure_noise.shape[0]

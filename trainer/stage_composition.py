@@ -128,7 +128,7 @@ class CompositionStage:
             words |= {w for w in (images.class_word(i) for i in range(len(images))) if w}
         quads = [build_prompts(entry, word, self.placeholder, self.settings.template)
                  for word in sorted(words) for entry in self.pool.entries]
-        return [q.class_single for q in quads] + [q.class_comp for q in quads]
+        return list(dict.fromkeys([q.class_single for q in quads] + [q.class_comp for q in quads]))
 
     def sample_batch(self, batch_size: int, generator: torch.Generator) -> CompositionBatch:
         faces = self.face_space.sample(batch_size, generator)
