@@ -22,3 +22,23 @@ def inference_dtype(device: torch.device, requested: Optional[str] = None) -> to
     if requested:
         return names[requested]
     return torch.float16 if device.type in ("cuda", "mps") else torch.float32
+
+
+def host_to_device(tensor: torch.Tensor, device: torch.device, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """``tensor.to(device, dtype)`` without making the host wait for the GPU.
+
+    A plain copy from pageable host memory to CUDA synchronizes the stream: the host stops until every
+    kernel queued before the copy has run, and the GPU then idles while the next kernels are launched.
+    A copy from pinned memory with ``non_blocking`` is queued like a kernel instead. ``pin_memory`` makes
+    a new staging tensor, so the caller may change ``tensor`` at once (a tensor already pinned must not be
+    changed until the copy is done). Other devices get a plain copy: a ``non_blocking`` copy to MPS can
+    read its source after it is freed (pytorch#189690). The meta device holds no data and takes CUDA's
+    flags, so a test there sees every copy the trainer makes. The dtype changes on the device.
+    """
+    device = torch.device(device)
+    if tensor.device.type != "cpu" or device.type not in ("cuda", "meta"):
+        return tensor.to(device, dtype)
+    if device.type == "cuda":
+        tensor = tensor.pin_memory()
+    moved = tensor.to(device, non_blocking=True)
+    return moved if dtype is None else moved.to(dtype)

@@ -19,6 +19,7 @@ from typing import Any, Sequence
 
 import torch
 
+from .devices import host_to_device
 from .errors import ConfigError, PlaceholderError
 
 Entry = tuple  # (token, weight) or (token, weight, word_id)
@@ -217,6 +218,8 @@ def splice_subject_embeds(
 
     The N subject tokens take the placeholder's place and the rest of the prompt moves right;
     trailing padding falls off the end so the length stays L. Differentiable in ``subject``.
+    ``input_ids`` may stay on the host while the embeddings are on a GPU: the checks and the index
+    are then worked out there, and the training step never waits on the device for them.
     """
     batch, length, _ = token_embeds.shape
     n = subject.shape[1]
@@ -229,5 +232,6 @@ def splice_subject_embeds(
         raise ConfigError(f"the prompt is too long to hold {n} subject tokens in {length} positions")
     j = torch.arange(length, device=input_ids.device).unsqueeze(0)
     source = torch.where(j < position, j, torch.where(j < position + n, length + j - position, j - n + 1))
+    source = host_to_device(source, token_embeds.device)
     combined = torch.cat([token_embeds, subject.to(token_embeds.dtype)], dim=1)
     return combined.gather(1, source.unsqueeze(-1).expand(-1, -1, combined.shape[-1]))

@@ -6,7 +6,8 @@ optimizer step) on the stage its registry builds, so a change in the trainer sho
 only (no photos, no VAE): the teacher makes its own starting latents, as stage 1 does for 40 % of IDs.
 Stage 2 encodes its class prompts when it is built, as in training, so its steps are timed warm.
 FLOPs are what ``torch.utils.flop_counter`` counts in one step (with gradient checkpointing that
-includes the recomputed forward); MFU = FLOPs / median step time / --peak-tflops.
+includes the recomputed forward); MFU = FLOPs / median step time / --peak-tflops. On CUDA one more
+step runs under ``torch.cuda.set_sync_debug_mode`` and its host-device syncs are counted by call site.
 """
 
 from __future__ import annotations
@@ -14,7 +15,10 @@ from __future__ import annotations
 import logging
 import sys
 import tempfile
+import warnings
+from collections import Counter
 from pathlib import Path
+from typing import Callable, Optional
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -58,6 +62,27 @@ def build_random_models(config: TrainConfig, device: torch.device, tiny: bool, t
     )
 
 
+def count_syncs(step: Callable[[], object], device: torch.device) -> Optional[dict]:
+    """The host-device synchronizations of one ``step()``, by call site (``torch.cuda.set_sync_debug_mode``).
+
+    Each one stops the host until the GPU has run everything queued, so the GPU then idles while the next
+    kernels are launched. The trainer's own code should show one (the loss read back per step); the rest
+    name whoever else waits. CUDA only (None elsewhere)."""
+    if device.type != "cuda":
+        return None
+    previous = torch.cuda.get_sync_debug_mode()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+            torch.cuda.synchronize()
+        finally:
+            torch.cuda.set_sync_debug_mode(previous)
+    sites = Counter(f"{Path(w.filename).name}:{w.lineno}" for w in caught if "synchroniz" in str(w.message))
+    return {"total": sum(sites.values()), "by_site": dict(sites.most_common(12))}
+
+
 def bench_stage(name: str, args, device: torch.device, tmp: Path) -> tuple[dict, Timing]:
     config = TrainConfig()
     config.run.device = "cpu" if device.type == "cpu" else "auto"
@@ -90,6 +115,7 @@ def bench_stage(name: str, args, device: torch.device, tmp: Path) -> tuple[dict,
     with FlopCounterMode(display=False) as counter:
         trainer.train_step()
     flops = counter.get_total_flops()
+    syncs = count_syncs(trainer.train_step, device)
     seconds = timing.median / 1000
     tflops = flops / seconds / 1e12
     result = timing.summary() | {
@@ -99,6 +125,7 @@ def bench_stage(name: str, args, device: torch.device, tmp: Path) -> tuple[dict,
         "peak_gib": peak, "frozen_dtype": str(models.frozen_dtype), "mixed_precision": accelerator.mixed_precision,
         "gradient_checkpointing": args.gradient_checkpointing, "optimizer": args.optimizer,
         "channels_last": args.channels_last, "compile": args.compile, "first_step_s": first_step_s,
+        "syncs_per_step": syncs,
         "paper_schedule_hours": round(PAPER_STEPS[name] * seconds / 3600, 1),
     }
     del trainer, models
@@ -136,6 +163,9 @@ def main(argv: list[str] | None = None) -> dict:
             rows.append((f"{name} FLOPs / TFLOP/s / MFU",
                          f"{r['flops_per_step'] / 1e12:.3f} TFLOP, {r['achieved_tflops']:.2f} TFLOP/s, {r['mfu_pct']:.2f} %"))
             rows.append((f"{name} peak memory", peak))
+            if r["syncs_per_step"] is not None:
+                sites = ", ".join(f"{k} x{v}" for k, v in r["syncs_per_step"]["by_site"].items())
+                rows.append((f"{name} host-device syncs per step", f"{r['syncs_per_step']['total']} ({sites})"))
             if r["first_step_s"] is not None:
                 rows.append((f"{name} first step (with compiling, if --compile)", f"{r['first_step_s']:.1f} s"))
             rows.append((f"{name} paper schedule ({PAPER_STEPS[name]} steps)", f"{r['paper_schedule_hours']} h"))

@@ -147,6 +147,15 @@ def test_face_loss_gradients_flow_to_both_subject_branches():
     assert all(x.grad is not None and x.grad.abs().sum() > 0 for x in t)
 
 
+def test_face_loss_of_an_empty_mask_is_zero_and_keeps_the_graph():
+    """A batch without face pixels adds nothing (and no NaN) to the loss, yet backward still runs."""
+    t = [x.requires_grad_() for x in _quad((2, 5, 4), seed=10)]
+    loss = elastic_face_preserving_loss(*t, torch.zeros(2, 5, dtype=D))
+    loss.backward()
+    assert loss.item() == 0.0
+    assert all(x.grad is not None and torch.equal(x.grad, torch.zeros_like(x)) for x in t)
+
+
 def test_combine_weights_and_disabled_terms():
     a = _quad((2, 4, 3), 10)
     qs, qc, fs, fc = _quad((1, 5, 4), 11)

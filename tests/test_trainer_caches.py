@@ -3,7 +3,7 @@
 Photo latents: each training photo is decoded and VAE-encoded once, its latent is the same whichever
 batch first needed it, a full cache still serves every photo, and a resumed run with photos (its cache
 empty) trains the same weights as an uninterrupted one (its cache warm). Class prompts (stage 2): a
-cached embedding equals the text encoder's, and the cache forgets the least recently used prompt."""
+cached embedding equals the text encoder's, and stage 2 encodes its whole class-prompt set once, when built."""
 
 from __future__ import annotations
 

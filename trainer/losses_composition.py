@@ -96,10 +96,9 @@ def elastic_face_preserving_loss(
     warped = torch.bmm(ca, feat_comp)
     cos = F.cosine_similarity(warped, feat_single, dim=-1, eps=eps)  # [B, N]
     m = (mask > 0).to(cos.dtype)
-    denom = m.sum()
-    if denom == 0:
-        return (cos * 0.0).sum()  # keeps the graph; nothing to preserve in this batch
-    return ((1.0 - cos) * m).sum() / denom
+    # m counts pixels, so clamping at 1 changes nothing but an empty mask, which then gives 0 (graph kept)
+    # without the host reading the count back (a device sync per layer).
+    return ((1.0 - cos) * m).sum() / m.sum().clamp_min(1.0)
 
 
 def face_preserving_loss_over_layers(

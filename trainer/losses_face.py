@@ -17,9 +17,11 @@ high t cannot blow the chain up.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Any, Optional
 
 import torch
+
+from adaface_core.devices import host_to_device
 
 from .config import FaceLossConfig
 from .face_space import FaceBatch, FaceSpace
@@ -40,9 +42,13 @@ class FaceDistillationLoss:
         self.latent_size = latent_size
         self._negative: Optional[tuple[torch.nn.Module, torch.Tensor]] = None
         """(the Arc2Face encoder it came from, its empty-prompt embedding): computed once per encoder."""
+        self._alphas: Optional[tuple[Any, torch.Tensor]] = None
+        """(the scheduler it came from, its alphas_cumprod on the device): copied once, not at every call."""
 
     def _alpha_bar(self, models: Models, t: torch.Tensor) -> torch.Tensor:
-        return models.scheduler.alphas_cumprod.to(t.device)[t].float().view(-1, 1, 1, 1)
+        if self._alphas is None or self._alphas[0] is not models.scheduler or self._alphas[1].device != t.device:
+            self._alphas = (models.scheduler, host_to_device(models.scheduler.alphas_cumprod.float(), t.device))
+        return self._alphas[1][t].view(-1, 1, 1, 1)
 
     def noisy(self, models: Models, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         ab = self._alpha_bar(models, t)
@@ -83,7 +89,7 @@ class FaceDistillationLoss:
         x0 = torch.zeros(b, 4, size, size, device=device)
         mask = torch.ones(b, 1, size, size, device=device)
         if not bool(has_image.all()):  # host tensors: no device sync
-            rows = (~has_image).nonzero().flatten().to(device)
+            rows = host_to_device((~has_image).nonzero().flatten(), device)
             noise = pure_noise[rows]
             t_top = torch.full((len(rows),), models.num_train_timesteps - 1, dtype=torch.long, device=device)
             scale = None if cfg_scale is None else cfg_scale[rows]
@@ -91,9 +97,10 @@ class FaceDistillationLoss:
         if bool(has_image.any()):
             rows = has_image.nonzero().flatten()
             latents, masks = batch.photos.get(models, batch.image_index[rows].tolist(), size)
-            x0[rows.to(device)] = latents.to(x0)
+            rows = host_to_device(rows, device)
+            x0[rows] = latents.to(x0)
             if use_masks:
-                mask[rows.to(device)] = masks
+                mask[rows] = masks
         return x0, mask
 
     def __call__(self, models: Models, batch: FaceBatch, generator: torch.Generator):
@@ -101,28 +108,28 @@ class FaceDistillationLoss:
         b = batch.id_vectors.shape[0]
         T = models.num_train_timesteps
         size = self.latent_size
+        # Drawn on the host (the same draws on every device: exact resume), then copied without a sync.
         use_cfg = torch.rand(b, generator=generator) < cfg.cfg_prob
-        cfg_scale = torch.where(use_cfg, _uniform(b, *cfg.cfg_scale, generator), torch.ones(b)).to(device)
+        cfg_scale = host_to_device(torch.where(use_cfg, _uniform(b, *cfg.cfg_scale, generator), torch.ones(b)), device)
         if not bool(use_cfg.any()):  # a host tensor: no device sync
             cfg_scale = None
         first_t = (_uniform(b, *cfg.first_t, generator) * (T - 1)).round().long()
-        ratios = [_uniform(b, *cfg.next_t_ratio, generator).to(device) for _ in range(cfg.chain_steps - 1)]
-        noises = [torch.randn(b, 4, size, size, generator=generator) for _ in range(cfg.chain_steps + 1)]
+        ratios = [host_to_device(_uniform(b, *cfg.next_t_ratio, generator), device) for _ in range(cfg.chain_steps - 1)]
+        noises = [host_to_device(torch.randn(b, 4, size, size, generator=generator), device)
+                  for _ in range(cfg.chain_steps + 1)]
 
         with torch.no_grad():
-            ids = batch.id_vectors.to(device, models.frozen_dtype)
-            enc = models.id_encoder(ids)
+            enc = models.id_encoder(host_to_device(batch.id_vectors, device, models.frozen_dtype))
             teacher_ctx, id_tokens = enc.prompt_embeds.detach(), enc.id_tokens.detach()
-            x0, mask = self.start_x0(models, batch, noises[-1].to(device), teacher_ctx, cfg_scale, cfg.use_masks)
+            x0, mask = self.start_x0(models, batch, noises[-1], teacher_ctx, cfg_scale, cfg.use_masks)
 
         subject = models.inverter(id_tokens.float())
         student_ctx = models.encode_with_subject([cfg.student_prompt] * b, cfg.placeholder, subject)
 
-        t = first_t.to(device)
+        t = host_to_device(first_t, device)
         losses = []
         for i in range(cfg.chain_steps):
-            noise = noises[i].to(device)
-            x_t = self.noisy(models, x0, noise, t)
+            x_t = self.noisy(models, x0, noises[i], t)
             eps_teacher = self.teacher_eps(models, x_t, t, teacher_ctx, cfg_scale)
             eps_student = models.unet(x_t.to(models.frozen_dtype), t,
                                       encoder_hidden_states=student_ctx.to(models.frozen_dtype)).sample.float()

@@ -13,6 +13,7 @@ import torch
 from adaface_core.arc2face import Arc2FaceEncoder
 from adaface_core.checkpoint import load_inverter
 from adaface_core.clip_text import ClipTextTransformer
+from adaface_core.devices import host_to_device
 from adaface_core.errors import ConfigError, ModelFileMissingError
 from adaface_core.injection import splice_subject_embeds
 from adaface_core.inverter import InverterConfig, PromptInverter
@@ -47,8 +48,8 @@ class Models:
         return min(512, self.id_encoder.hidden_size)
 
     def prompt_ids(self, prompts: list[str]) -> torch.Tensor:
-        ids = self.tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt")["input_ids"]
-        return ids.to(self.device)
+        """``[B, 77]`` token ids, on the host (reading them costs no device sync)."""
+        return self.tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt")["input_ids"]
 
     def placeholder_id(self, word: str) -> int:
         ids = single_token_id(self.tokenizer, word)
@@ -59,12 +60,12 @@ class Models:
     def encode_with_subject(self, prompts: list[str], placeholder: str, subject: torch.Tensor) -> torch.Tensor:
         """``[B, 77, H]`` SD1.5 prompt embeddings with ``subject`` ``[B, N, H]`` spliced in at the placeholder."""
         ids = self.prompt_ids(prompts)
-        embeds = self.text_encoder.token_embeds(ids)
+        embeds = self.text_encoder.token_embeds(host_to_device(ids, self.device))
         spliced = splice_subject_embeds(ids, embeds, self.placeholder_id(placeholder), subject.to(embeds.dtype))
         return self.text_encoder(token_embeds=spliced).last_hidden_state
 
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        return self.text_encoder(input_ids=self.prompt_ids(prompts)).last_hidden_state
+        return self.text_encoder(input_ids=host_to_device(self.prompt_ids(prompts), self.device)).last_hidden_state
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """``[B, 3, S, S]`` in [-1, 1] -> scaled VAE latents (the mean of the posterior: deterministic)."""

@@ -19,6 +19,8 @@ from typing import Protocol, Sequence
 
 import torch
 
+from adaface_core.devices import host_to_device
+
 from .data import FaceImages, downsample_mask
 
 logger = logging.getLogger(__name__)
@@ -80,7 +82,7 @@ class PhotoLatents:
             self._store((index, latent_size), entry)
         latents = torch.stack([entries[int(i)][0] for i in indices])
         masks = torch.stack([entries[int(i)][1] for i in indices])
-        return latents.to(models.device), masks.to(models.device, torch.float32)
+        return host_to_device(latents, models.device), host_to_device(masks, models.device, torch.float32)
 
     def _encode(self, models: LatentEncoder, indices: list[int], size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         if not indices:

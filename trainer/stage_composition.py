@@ -24,6 +24,8 @@ from typing import Optional, Union
 
 import torch
 
+from adaface_core.devices import host_to_device
+
 from .compositions import (CompositionPool, PromptQuad, aligned_token_index, build_prompts, load_composition_pool,
                            sample_prompts)
 from .config import StageConfig, TrainConfig, section_from_mapping
@@ -151,25 +153,27 @@ class CompositionStage:
         return torch.stack([row[:, :k] for row in rows])
 
     @torch.no_grad()
-    def start_latents(self, models: Models, batch: CompositionBatch, teacher_ctx: torch.Tensor):
-        """(noisy latents ``[B, 4, h, w]``, latent-resolution face masks ``[B, 1, h, w]``)."""
-        noise = batch.noise.to(models.device)
+    def start_latents(self, models: Models, batch: CompositionBatch, teacher_ctx: torch.Tensor, timesteps: torch.Tensor):
+        """(noisy latents ``[B, 4, h, w]`` at ``timesteps`` (on the device), latent-resolution face masks ``[B, 1, h, w]``)."""
+        noise = host_to_device(batch.noise, models.device)
         x0, masks = self.face_loss.start_x0(models, batch.faces, noise, teacher_ctx, None)
-        return self.face_loss.noisy(models, x0, noise, batch.timesteps.to(models.device)), masks
+        return self.face_loss.noisy(models, x0, noise, timesteps), masks
 
     def loss(self, models: Models, batch: CompositionBatch, generator: torch.Generator):
         device, dtype = models.device, models.frozen_dtype
         quads = batch.quads
+        timesteps = host_to_device(batch.timesteps, device)
         with torch.no_grad():
-            enc = models.id_encoder(batch.faces.id_vectors.to(device, dtype))
-            x_t, masks = self.start_latents(models, batch, enc.prompt_embeds.detach())
+            enc = models.id_encoder(host_to_device(batch.faces.id_vectors, device, dtype))
+            x_t, masks = self.start_latents(models, batch, enc.prompt_embeds.detach(), timesteps)
             class_embeds = self.class_prompts.encode(models, [q.class_single for q in quads] + [q.class_comp for q in quads])
         subject = models.inverter(enc.id_tokens.detach().float())
         subject_embeds = models.encode_with_subject([q.subject_single for q in quads] + [q.subject_comp for q in quads],
                                                     self.placeholder, torch.cat([subject, subject]))
         prompt_embeds = torch.cat([subject_embeds, class_embeds.to(subject_embeds)]).to(dtype)
-        out = composition_step(models.unet, x_t.to(dtype), batch.timesteps.to(device), prompt_embeds, masks,
-                               self.settings.layers, self.weights, self.token_index(models, quads, subject.shape[1]))
+        token_index = host_to_device(self.token_index(models, quads, subject.shape[1]), device)
+        out = composition_step(models.unet, x_t.to(dtype), timesteps, prompt_embeds, masks,
+                               self.settings.layers, self.weights, token_index)
         return out["loss"].float(), {k: v.detach() for k, v in out.items() if k != "loss"}
 
     def evaluate(self, models: Models) -> dict[str, float]:
