@@ -39,6 +39,6 @@ def host_to_device(tensor: torch.Tensor, device: torch.device, dtype: Optional[t
     if tensor.device.type != "cpu" or device.type not in ("cuda", "meta"):
         return tensor.to(device, dtype)
     if device.type == "cuda":
-        tensor = tensor.pin_memory()
+        tensor = tensor.contiguous().pin_memory()  # a strided view would be re-copied to pageable memory
     moved = tensor.to(device, non_blocking=True)
     return moved if dtype is None else moved.to(dtype)

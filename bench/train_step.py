@@ -67,7 +67,7 @@ def count_syncs(step: Callable[[], object], device: torch.device) -> Optional[di
 
     Each one stops the host until the GPU has run everything queued, so the GPU then idles while the next
     kernels are launched. The trainer's own code should show one (the loss read back per step); the rest
-    name whoever else waits. CUDA only (None elsewhere)."""
+    name whoever else waits (a sync in backward is filed under torch's autograd frame). CUDA only (None elsewhere)."""
     if device.type != "cuda":
         return None
     previous = torch.cuda.get_sync_debug_mode()
@@ -79,7 +79,8 @@ def count_syncs(step: Callable[[], object], device: torch.device) -> Optional[di
             torch.cuda.synchronize()
         finally:
             torch.cuda.set_sync_debug_mode(previous)
-    sites = Counter(f"{Path(w.filename).name}:{w.lineno}" for w in caught if "synchroniz" in str(w.message))
+    sites = Counter(f"{'/'.join(Path(w.filename).parts[-2:])}:{w.lineno}"
+                    for w in caught if "synchroniz" in str(w.message))
     return {"total": sum(sites.values()), "by_site": dict(sites.most_common(12))}
 
 

@@ -4,10 +4,12 @@ Each stage's loss and backward run on the meta device, which has shapes but no v
 device value on the host (``.item()``, ``bool()``, ``.tolist()``, ``nonzero``), which on CUDA would stall
 until every queued kernel has run, raises there. A dispatch mode records every host-to-device copy,
 which must be ``non_blocking`` (pinned on CUDA): a plain copy from pageable memory synchronizes the stream
-too. Photos are served from a cache warmed on the CPU, as after their first use in training."""
+too, as does a host index into a device tensor or ``torch.tensor(..., device=...)``. Photos are served
+from a cache warmed on the CPU, as after their first use in training (a first use waits once)."""
 
 from __future__ import annotations
 
+import sys
 import traceback
 from pathlib import Path
 
@@ -16,7 +18,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from adaface_core.devices import host_to_device
 from trainer.compositions import load_composition_pool
@@ -30,10 +34,20 @@ from trainer.stage_composition import CompositionSettings, CompositionStage
 LATENT = 8  # the tiny VAE maps 64 px photos to 8x8 latents
 META = torch.device("meta")
 PROJECT = str(Path(__file__).resolve().parents[1])
+INSTALLED = (sys.prefix, sys.base_prefix)
+
+
+def _call_site() -> str:
+    """The innermost frame of the project's own code (not tests, not installed packages)."""
+    ours = [f for f in traceback.extract_stack()
+            if f.filename.startswith(PROJECT) and not f.filename.startswith(INSTALLED) and "/tests/" not in f.filename]
+    return f"{ours[-1].filename}:{ours[-1].lineno}" if ours else "outside the project"
 
 
 class BlockingHostCopies(TorchDispatchMode):
-    """Records the project's call site of every host-to-device copy that is not ``non_blocking``."""
+    """Records the project's call site of every host-to-device copy that would block on CUDA: a ``.to`` or
+    ``copy_`` that is not ``non_blocking``, and a host tensor (not a 0-d scalar) handed to an op on the
+    device, e.g. a CPU index in ``x[rows]``, which CUDA copies over with a blocking copy."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -48,10 +62,26 @@ class BlockingHostCopies(TorchDispatchMode):
             source, target = args[1].device, args[0].device
             blocking = not (args[2] if len(args) > 2 else kwargs.get("non_blocking", False))
         else:
-            return func(*args, **kwargs)
+            tensors = [x for x in tree_flatten((args, kwargs))[0] if isinstance(x, torch.Tensor)]
+            on_device = [x for x in tensors if x.device.type != "cpu"]
+            host = [x for x in tensors if x.device.type == "cpu" and x.ndim > 0]
+            source, target, blocking = torch.device("cpu"), on_device[0].device if on_device else None, bool(host)
         if blocking and source.type == "cpu" and target is not None and torch.device(target).type != "cpu":
-            ours = [f for f in traceback.extract_stack() if f.filename.startswith(PROJECT) and "/tests/" not in f.filename]
-            self.sites.append(f"{ours[-1].filename}:{ours[-1].lineno}" if ours else "outside the project")
+            self.sites.append(f"{func}: {_call_site()}")
+        return func(*args, **kwargs)
+
+
+class TensorsMadeOnTheDevice(TorchFunctionMode):
+    """Records ``torch.tensor(data, device=<not the CPU>)`` (a blocking copy that dispatch modes never see)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sites: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.tensor and kwargs.get("device") is not None and torch.device(kwargs["device"]).type != "cpu":
+            self.sites.append(f"torch.tensor: {_call_site()}")
         return func(*args, **kwargs)
 
 
@@ -92,11 +122,11 @@ def mixed_batch(draw, size: int, generator: torch.Generator):
 
 
 def assert_no_sync(loss_of_batch) -> None:
-    with BlockingHostCopies() as copies:
+    with TensorsMadeOnTheDevice() as made, BlockingHostCopies() as copies:
         loss = loss_of_batch()  # on meta, reading a device value raises here
         loss.backward()
     assert loss.device == META
-    assert copies.sites == [], f"blocking host-to-device copies at {copies.sites}"
+    assert copies.sites + made.sites == [], f"blocking host-to-device copies at {copies.sites + made.sites}"
 
 
 @pytest.mark.parametrize("cfg_prob", [0.0, 0.5, 1.0])
@@ -118,12 +148,16 @@ def test_a_stage2_micro_batch_reads_nothing_back_and_copies_asynchronously(face_
     assert_no_sync(lambda: stage.loss(models, batch, generator)[0])
 
 
-def test_the_recorder_sees_a_blocking_copy_and_host_to_device_avoids_it():
-    """The check above can fail: a plain ``.to`` is caught, ``host_to_device`` is not, values are kept."""
+def test_the_recorders_see_blocking_copies_and_host_to_device_avoids_them():
+    """The check above can fail: a plain ``.to``, a host index into a device tensor and ``torch.tensor`` on
+    the device are each caught; ``host_to_device`` is not, and it keeps the values."""
     x = torch.arange(6.0).view(2, 3)
-    with BlockingHostCopies() as copies:
+    on_device = torch.zeros(4, 3, device=META)
+    with TensorsMadeOnTheDevice() as made, BlockingHostCopies() as copies:
         x.to(META)
-    assert len(copies.sites) == 1
+        on_device[torch.tensor([0, 2])] = 1.0
+        torch.tensor([1.0, 2.0], device=META)
+    assert len(copies.sites) == 2 and len(made.sites) == 1
     with BlockingHostCopies() as copies:
         moved = host_to_device(x, META, torch.float16)
     assert copies.sites == [] and moved.device == META and moved.dtype == torch.float16
