@@ -49,7 +49,8 @@ class Models:
 
     def prompt_ids(self, prompts: list[str]) -> torch.Tensor:
         """``[B, 77]`` token ids, on the host (reading them costs no device sync)."""
-        return self.tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt")["input_ids"]
+        encoded = self.tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+        return encoded["input_ids"]
 
     def placeholder_id(self, word: str) -> int:
         ids = single_token_id(self.tokenizer, word)

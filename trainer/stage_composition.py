@@ -153,8 +153,10 @@ class CompositionStage:
         return torch.stack([row[:, :k] for row in rows])
 
     @torch.no_grad()
-    def start_latents(self, models: Models, batch: CompositionBatch, teacher_ctx: torch.Tensor, timesteps: torch.Tensor):
-        """(noisy latents ``[B, 4, h, w]`` at ``timesteps`` (on the device), latent-resolution face masks ``[B, 1, h, w]``)."""
+    def start_latents(self, models: Models, batch: CompositionBatch, teacher_ctx: torch.Tensor,
+                      timesteps: torch.Tensor):
+        """(noisy latents ``[B, 4, h, w]`` at ``timesteps`` (on the device),
+        latent-resolution face masks ``[B, 1, h, w]``)."""
         noise = host_to_device(batch.noise, models.device)
         x0, masks = self.face_loss.start_x0(models, batch.faces, noise, teacher_ctx, None)
         return self.face_loss.noisy(models, x0, noise, timesteps), masks
