@@ -1,11 +1,12 @@
 """Stage-1 face distillation, the chain itself (trainer/losses_face.py, DESIGN §2 Training).
 
 Every UNet call of one loss evaluation is recorded with forward hooks on ``models.unet`` (student) and
-``models.teacher_unet`` (teacher); the teacher's CFG-combined noise prediction is recorded by wrapping
-``teacher_eps`` on the loss instance, and the generator's Gaussian draws by wrapping ``torch.randn`` for
-that generator only. The tests then re-derive what the method says from those tensors alone: same x_t
-and t for both networks, the timestep schedule, the re-noised teacher x0 between steps, CFG against the
-Arc2Face empty prompt, the masked MSE and the sum / sqrt(k).
+``models.teacher_unet`` (teacher); the CFG-combined noise predictions are recorded by wrapping
+``teacher_eps`` and ``student_eps`` on the loss instance, and the generator's Gaussian draws by wrapping
+``torch.randn`` for that generator only. The tests then re-derive what the method says from those tensors
+alone: same x_t and t for both networks, the timestep schedule, the re-noised teacher x0 between steps,
+CFG with one scale on both sides (the teacher against the Arc2Face empty prompt, the student against
+SD1.5's), the masked MSE and the sum / sqrt(k).
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
+from adaface_core.errors import ConfigError
 from tests.test_trainer_loss_expansion import _photo_batch, models  # noqa: F401  (module fixture, reused)
-from trainer.config import FaceLossConfig
+from trainer.config import FaceLossConfig, config_from_dict
 from trainer.face_space import FaceBatch, FaceSpace
 from trainer.losses_face import FaceDistillationLoss
 
@@ -39,6 +41,8 @@ class Record:
     teacher: list[Call] = field(default_factory=list)
     teacher_eps: list[torch.Tensor] = field(default_factory=list)
     """What ``teacher_eps`` returned, in call order (CFG already combined)."""
+    student_eps: list[torch.Tensor] = field(default_factory=list)
+    """What ``student_eps`` returned, one per chain step (CFG already combined)."""
     draws: list[torch.Tensor] = field(default_factory=list)
     """Every ``torch.randn(..., generator=<the loss's generator>)`` result, in order."""
 
@@ -70,19 +74,20 @@ def run_loss(models, loss_fn, batch, seed, monkeypatch):
             record.draws.append(out.clone())
         return out
 
-    real_teacher_eps = loss_fn.teacher_eps
-
-    def teacher_eps(*args, **kwargs):
-        out = real_teacher_eps(*args, **kwargs)
-        record.teacher_eps.append(out.detach().clone())
-        return out
+    def recorded(method, into: list[torch.Tensor]):
+        def wrapper(*args, **kwargs):
+            out = method(*args, **kwargs)
+            into.append(out.detach().clone())
+            return out
+        return wrapper
 
     handles = [models.unet.register_forward_hook(_hook(record.student), with_kwargs=True),
                models.teacher_unet.register_forward_hook(_hook(record.teacher), with_kwargs=True)]
     try:
         with monkeypatch.context() as m:
             m.setattr(torch, "randn", randn)
-            m.setattr(loss_fn, "teacher_eps", teacher_eps)
+            m.setattr(loss_fn, "teacher_eps", recorded(loss_fn.teacher_eps, record.teacher_eps))
+            m.setattr(loss_fn, "student_eps", recorded(loss_fn.student_eps, record.student_eps))
             with torch.no_grad():
                 loss, metrics = loss_fn(models, batch, generator)
     finally:
@@ -124,6 +129,16 @@ def chain_teacher_calls(record, k):
     return record.teacher[-k:], record.teacher_eps[-k:]
 
 
+def chain_student_calls(record, k):
+    """(conditional calls, empty-prompt calls or None) of the student, one each per chain step.
+
+    With CFG the student runs its conditional pass, then its empty-prompt pass, at every step."""
+    if len(record.student) == k:
+        return record.student, None
+    assert len(record.student) == 2 * k
+    return record.student[0::2], record.student[1::2]
+
+
 def halves(call: Call, b: int):
     """A teacher call's (x, t, ctx, out) for the conditional rows (all rows without CFG, second half with)."""
     n = call.x.shape[0]
@@ -157,14 +172,23 @@ def test_teacher_and_student_see_the_same_x_t_and_t_at_every_step(models, monkey
     batch = random_id_batch(models, b)
     cfg = FaceLossConfig(chain_steps=k, cfg_prob=cfg_prob)
     _, metrics, rec = run_loss(models, FaceDistillationLoss(cfg, LATENT), batch, 11, monkeypatch)
-    assert len(rec.student) == k and sorted(metrics) == sorted([f"loss_t{i}" for i in range(k)] + ["random_id_frac"])
-    # The student is conditioned on the inverter's tokens spliced into the student prompt.
+    assert sorted(metrics) == sorted([f"loss_t{i}" for i in range(k)] + ["random_id_frac"])
+    student, student_uncond = chain_student_calls(rec, k)
+    assert (student_uncond is not None) == (cfg_prob == 1.0)
+    # The student is conditioned on the inverter's tokens spliced into one of the student templates per row,
+    # the same for the whole chain.
     with torch.no_grad():
         tokens = models.id_encoder(batch.id_vectors.to(models.frozen_dtype)).id_tokens
         subject = models.inverter(tokens.float())
-        student_ctx = models.encode_with_subject([cfg.student_prompt] * b, cfg.placeholder, subject).float()
+        per_template = [models.encode_with_subject([t.format(subject=cfg.placeholder)] * b, cfg.placeholder,
+                                                   subject).float() for t in cfg.student_templates]
+        negative = models.encode_prompts([""]).float()
+    picked = [[j for j, ctx in enumerate(per_template) if torch.allclose(student[0].ctx[r], ctx[r], atol=ATOL)]
+              for r in range(b)]
+    assert all(len(p) == 1 for p in picked), picked
+    student_ctx = torch.stack([per_template[p[0]][r] for r, p in enumerate(picked)])
     teacher, _ = chain_teacher_calls(rec, k)
-    for i, (s, tc) in enumerate(zip(rec.student, teacher)):
+    for i, (s, tc) in enumerate(zip(student, teacher)):
         x, t, _, _ = halves(tc, b)
         assert s.x.shape == (b, 4, LATENT, LATENT)
         assert torch.equal(s.x, x), i
@@ -173,6 +197,10 @@ def test_teacher_and_student_see_the_same_x_t_and_t_at_every_step(models, monkey
         if tc.x.shape[0] == 2 * b:  # CFG: both halves of the teacher batch share x_t and t
             assert torch.equal(tc.x[:b], tc.x[b:]) and torch.equal(tc.t[:b], tc.t[b:])
         assert torch.allclose(s.ctx, student_ctx, atol=ATOL), i
+        if student_uncond is not None:  # CFG: the student's empty-prompt pass sees the same x_t and t
+            u = student_uncond[i]
+            assert torch.equal(u.x, s.x) and torch.equal(u.t, s.t), i
+            assert torch.allclose(u.ctx, negative.expand(b, -1, -1), atol=ATOL), i
 
 
 def test_timesteps_start_high_and_shrink_by_the_configured_ratio(models, monkeypatch):
@@ -216,8 +244,9 @@ def test_later_steps_renoise_the_teachers_x0_estimate_with_fresh_noise(models, t
     _, _, rec = run_loss(models, loss_fn, batch, 21, monkeypatch)
     shape = (b, 4, LATENT, LATENT)
     teacher, teacher_eps = chain_teacher_calls(rec, k)
-    xs = [c.x for c in rec.student]
-    ts = [c.t for c in rec.student]
+    student, _ = chain_student_calls(rec, k)
+    xs = [c.x for c in student]
+    ts = [c.t for c in student]
 
     # Random IDs, and only they: x0 is the teacher's one-step estimate from pure noise at t = T-1
     # (same CFG as the chain); the photo rows never run that extra teacher pass.
@@ -298,7 +327,7 @@ def test_loss_is_the_sum_of_masked_mses_over_sqrt_k(models, tmp_path, monkeypatc
     assert float(loss) == pytest.approx(sum(full) / math.sqrt(k), rel=1e-5)
 
 
-def test_teacher_cfg_uses_the_arc2face_empty_prompt_and_a_scale_in_range(models, monkeypatch):
+def test_cfg_guides_teacher_and_student_with_one_scale_against_their_own_empty_prompts(models, monkeypatch):
     k, b = 3, 4
     cfg = FaceLossConfig(chain_steps=k, cfg_prob=1.0)
     batch = random_id_batch(models, b, seed=2)
@@ -317,18 +346,32 @@ def test_teacher_cfg_uses_the_arc2face_empty_prompt_and_a_scale_in_range(models,
     assert bool((scales >= lo - 1e-4).all() and (scales <= hi + 1e-4).all()), scales
     assert torch.allclose(scales, scales[:1].expand_as(scales), atol=1e-3)  # one scale per sample, whole chain
     assert scales[0].std() > 0.01  # drawn per sample
-    # The loss is the student's MSE to the CFG-combined teacher prediction (random IDs: no mask).
+    # The student is guided too, with the teacher's scale, against SD1.5's empty prompt (the reference
+    # code pairs them: an unguided student would learn tokens that carry the guidance themselves).
+    student, student_uncond = chain_student_calls(rec, k)
+    with torch.no_grad():
+        sd_negative = models.encode_prompts([""]).float()
+    assert not torch.allclose(sd_negative.expand(b, -1, -1), student[0].ctx, atol=1e-3)
+    for i, (cond, uncond, eps) in enumerate(zip(student, student_uncond, rec.student_eps)):
+        assert torch.allclose(uncond.ctx, sd_negative.expand(b, -1, -1), atol=ATOL), i
+        s = scales[i].view(-1, 1, 1, 1)
+        assert torch.allclose(eps, uncond.out + s * (cond.out - uncond.out), atol=1e-4), i
+        assert not torch.allclose(eps, cond.out, atol=1e-4), i
+    # The loss is the MSE between the two CFG-combined predictions (random IDs: no mask).
     _, eps = chain_teacher_calls(rec, k)
-    expected = sum(float(((s.out - e) ** 2).mean()) for s, e in zip(rec.student, eps)) / math.sqrt(k)
+    expected = sum(float(((s - e) ** 2).mean()) for s, e in zip(rec.student_eps, eps)) / math.sqrt(k)
     assert float(loss) == pytest.approx(expected, rel=1e-5)
 
-    # cfg_prob = 0: a plain B batch on the ID's prompt, no negative.
+    # cfg_prob = 0: a plain B batch on the ID's prompt, no negative, on both sides.
     _, _, rec = run_loss(models, FaceDistillationLoss(FaceLossConfig(chain_steps=k, cfg_prob=0.0), LATENT),
                          batch, 5, monkeypatch)
     for call in rec.teacher:
         assert call.x.shape[0] == b
         assert torch.allclose(call.ctx, positive, atol=ATOL)
     assert torch.equal(cfg_scales(rec, k, b), torch.ones(k, b))
+    student, student_uncond = chain_student_calls(rec, k)
+    assert student_uncond is None
+    assert all(torch.equal(eps, call.out) for eps, call in zip(rec.student_eps, student))
 
 
 def test_mixed_cfg_batch_gives_plain_predictions_to_the_rows_without_cfg(models, monkeypatch):
@@ -339,3 +382,31 @@ def test_mixed_cfg_batch_gives_plain_predictions_to_the_rows_without_cfg(models,
     plain = (scales - 1).abs() < 1e-3
     guided = (scales >= cfg.cfg_scale[0] - 1e-4) & (scales <= cfg.cfg_scale[1] + 1e-4)
     assert bool((plain | guided).all()) and bool(plain.any()) and bool(guided.any()), scales
+    # The student's rows without CFG are exactly its conditional prediction; the guided rows are not.
+    student, _ = chain_student_calls(rec, k)
+    for cond, eps in zip(student, rec.student_eps):
+        assert torch.equal(eps[plain], cond.out[plain])
+        assert not torch.allclose(eps[guided], cond.out[guided], atol=1e-4)
+
+
+def test_student_templates_are_drawn_per_sample_and_a_prompt_without_the_subject_is_refused(models, monkeypatch):
+    templates = ["a photo of {subject}", "an oil painting of {subject}"]
+    cfg = FaceLossConfig(chain_steps=1, cfg_prob=0.0, student_templates=templates)
+    loss_fn = FaceDistillationLoss(cfg, LATENT)
+    prompts = loss_fn.student_prompts(16, torch.Generator().manual_seed(0))
+    assert set(prompts) == {"a photo of z", "an oil painting of z"}
+    assert prompts == loss_fn.student_prompts(16, torch.Generator().manual_seed(0))  # from the loss's generator
+    # Each row's context is one template's, and a batch mixes them.
+    b = 6
+    batch = random_id_batch(models, b, seed=1)
+    _, _, rec = run_loss(models, loss_fn, batch, 7, monkeypatch)
+    with torch.no_grad():
+        subject = models.inverter(models.id_encoder(batch.id_vectors.to(models.frozen_dtype)).id_tokens.float())
+        per_template = [models.encode_with_subject([t.format(subject="z")] * b, "z", subject).float()
+                        for t in templates]
+    picked = [[j for j, ctx in enumerate(per_template) if torch.allclose(rec.student[0].ctx[r], ctx[r], atol=ATOL)]
+              for r in range(b)]
+    assert all(len(p) == 1 for p in picked) and {p[0] for p in picked} == {0, 1}, picked
+
+    with pytest.raises(ConfigError, match="student_templates"):
+        config_from_dict({"face": {"loss": {"student_templates": ["a photo of a person"]}}}).validate(check_paths=False)

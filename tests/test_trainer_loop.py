@@ -11,8 +11,8 @@ from accelerate import Accelerator
 
 from adaface_core.checkpoint import load_inverter
 from trainer import checkpointing
-from trainer.config import config_from_dict
-from trainer.loop import SimulatedCrash, Trainer, heldout_loss
+from trainer.config import OptimConfig, config_from_dict
+from trainer.loop import SimulatedCrash, Trainer, build_lr_scheduler, build_optimizer, heldout_loss
 from trainer.models import build_models
 from trainer.run import main
 from trainer.stages import build_face_stage
@@ -168,9 +168,44 @@ def test_n_steps_resume_n_steps_equals_2n_steps(models_root, tmp_path, settings)
     assert [r.split(",")[0] for r in rows[1:]] == [str(i) for i in range(1, 13)]
 
 
+def test_prodigy_gets_the_reference_settings_and_its_lr_schedule():
+    """Defaults = the reference code's Prodigy: no weight decay, bias correction on, the LR held for 500
+    steps, then falling linearly to 1/11 at the last step, i.e. torch's ConstantLR (factor 1, 500 steps)
+    followed by PolynomialLR(power 1, total_iters 1.1 x the rest), as the reference chains them."""
+    param = torch.nn.Parameter(torch.zeros(3))
+    optimizer = build_optimizer([param], OptimConfig())
+    group = optimizer.param_groups[0]
+    assert group["weight_decay"] == 0.0 and group["use_bias_correction"] is True and group["d_coef"] == 2.0
+
+    max_steps, hold = 2000, 500
+    ours = build_lr_scheduler(optimizer, OptimConfig(), max_steps, step=0)
+    reference_opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    reference = torch.optim.lr_scheduler.SequentialLR(reference_opt, [
+        torch.optim.lr_scheduler.ConstantLR(reference_opt, factor=1.0, total_iters=hold),
+        torch.optim.lr_scheduler.PolynomialLR(reference_opt, power=1, total_iters=int(1.1 * (max_steps - hold))),
+    ], milestones=[hold])
+    ours_lr, reference_lr = [], []
+    for _ in range(max_steps):
+        ours_lr.append(optimizer.param_groups[0]["lr"])
+        reference_lr.append(reference_opt.param_groups[0]["lr"])
+        optimizer.step(), ours.step(), reference_opt.step(), reference.step()
+    assert ours_lr[:hold + 1] == [1.0] * (hold + 1)
+    assert ours_lr == pytest.approx(reference_lr, abs=1e-6)
+    assert ours_lr[-1] == pytest.approx(1 / 11, abs=1e-3)
+    # A scheduler rebuilt at a resume step continues where the straight one is.
+    resumed = build_lr_scheduler(build_optimizer([param], OptimConfig()), OptimConfig(), max_steps, step=1234)
+    assert resumed.get_last_lr()[0] == pytest.approx(ours_lr[1234], abs=1e-9)
+    # constant: no decay at all.
+    flat = build_lr_scheduler(build_optimizer([param], OptimConfig()), OptimConfig(lr_schedule="constant"),
+                              max_steps, step=1999)
+    assert flat.get_last_lr()[0] == 1.0
+
+
 def test_crash_midway_then_resume_loses_only_unsaved_steps(models_root, tmp_path):
-    reference = run_cli(write_config(tmp_path / "ref.yaml", make_config(models_root, tmp_path / "ref")))
-    config = write_config(tmp_path / "crash.yaml", make_config(models_root, tmp_path / "crash"))
+    # The LR decays from step 2 on, so the resumed run must also land on the same point of the schedule.
+    decaying = {"optim": {"optimizer": "adamw", "lr": 2e-3, "batch_size": 2, "grad_accum": 2, "lr_decay_start": 2}}
+    reference = run_cli(write_config(tmp_path / "ref.yaml", make_config(models_root, tmp_path / "ref", **decaying)))
+    config = write_config(tmp_path / "crash.yaml", make_config(models_root, tmp_path / "crash", **decaying))
     with pytest.raises(SimulatedCrash):
         run_cli(config, "--crash-at-step", "8")
     ckpts = tmp_path / "crash" / "face" / "checkpoints"

@@ -38,8 +38,8 @@ def stage2_config(models_root, output, stage="composition", steps=12, face_steps
 
 
 def test_stage2_lowers_heldout_delta_loss_and_keeps_face_loss_within_bound(models_root, tmp_path):
-    out = tmp_path / "run"
-    result = run_cli(write_config(tmp_path / "c.yaml", stage2_config(models_root, out)))
+    out, steps = tmp_path / "run", 30  # Prodigy's bias correction keeps its first steps small
+    result = run_cli(write_config(tmp_path / "c.yaml", stage2_config(models_root, out, steps=steps)))
     held = result.stages[-1].heldout
     assert held["heldout_delta_after"] < 0.9 * held["heldout_delta_before"]
     assert held["heldout_face_after"] <= held["face_loss_bound"] * held["heldout_face_before"]
@@ -47,7 +47,7 @@ def test_stage2_lowers_heldout_delta_loss_and_keeps_face_loss_within_bound(model
     # Both numbers are logged for the user: JSON summary and a CSV row at the start and the end.
     assert json.loads((out / "composition" / "heldout.json").read_text()) == pytest.approx(held)
     rows = (out / "composition" / "heldout.csv").read_text().splitlines()
-    assert rows[0] == "step,heldout_delta,heldout_face" and rows[1].startswith("0,") and rows[2].startswith("12,")
+    assert rows[0] == "step,heldout_delta,heldout_face" and rows[1].startswith("0,") and rows[2].startswith(f"{steps},")
 
 
 def test_stage_both_continues_from_stage1_result(models_root, tmp_path):

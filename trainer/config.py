@@ -42,8 +42,11 @@ class DataConfig:
     """Folder tree of face images (jpg/png/webp), each optionally with ``<name>_mask.png`` beside it."""
     image_size: int = 512
     random_id_prob: float = 0.4
-    id_noise_std: float = 0.04
-    """Std of the Gaussian noise added to real ArcFace vectors (before renormalising)."""
+    id_noise_std: float = 0.01
+    """Per-dimension std of the Gaussian noise added to real ArcFace vectors (before renormalising): a slight
+    perturbation. On the 512-d unit vectors the noise's norm is about std x sqrt(512), so 0.01 keeps a
+    cosine of about 0.97 to the photo's vector; 0.04 would already give 0.74, as far apart as two photos
+    of one person often are."""
     cache_file: str = ""
     """ArcFace vector cache (safetensors); '' = ``<output>/face_ids.safetensors``."""
     photo_cache_gb: float = 4.0
@@ -51,9 +54,25 @@ class DataConfig:
     is neither decoded nor encoded again. 0 encodes every photo at every use."""
 
 
+STUDENT_TEMPLATES = (
+    "a photo of {subject}",
+    "photo of a {subject} person",
+    "a close-up photo of {subject}",
+    "a portrait of {subject}",
+    "a good photo of {subject}",
+    "a bright photo of {subject}",
+    "a dark photo of {subject}",
+    "a cropped photo of {subject}",
+    "a picture of {subject}",
+    "an image of {subject}",
+)
+
+
 @dataclass
 class FaceLossConfig:
-    student_prompt: str = "photo of a z person"
+    student_templates: list[str] = field(default_factory=lambda: list(STUDENT_TEMPLATES))
+    """The student's prompt, one drawn per sample; ``{subject}`` becomes the placeholder. Several, as in the
+    reference code, so the subject tokens are not learnt for one fixed context."""
     placeholder: str = "z"
     chain_steps: int = 3
     first_t: tuple[float, float] = (0.7, 0.9)
@@ -70,11 +89,21 @@ class OptimConfig:
     optimizer: str = "prodigy"
     lr: float = 1.0
     d_coef: float = 2.0
-    weight_decay: float = 0.01
+    weight_decay: float = 0.0
+    """The reference code trains without weight decay: it would pull the CLIP-initialised weights to 0."""
     betas: tuple[float, float] = (0.9, 0.999)
+    bias_correction: bool = True
+    """Prodigy's Adam-style bias correction (``use_bias_correction``), on in the reference code."""
     batch_size: int = 4
     grad_accum: int = 2
     warmup_steps: int = 0
+    """Linear warm-up from 0 over these steps (AdamW; Prodigy estimates its own step size)."""
+    lr_schedule: str = "linear"
+    """``linear``: after ``lr_decay_start`` steps the LR falls linearly to ``lr_final_factor`` x at the stage's
+    last step (the reference code's Prodigy schedule); ``constant``: no decay."""
+    lr_decay_start: int = 500
+    lr_final_factor: float = 1.0 / 11.0
+    """The reference's PolynomialLR over 1.1 x the decay span ends at 1 - 1/1.1 = 1/11 of the LR."""
     max_grad_norm: float = 1.0
 
 
@@ -142,6 +171,11 @@ class TrainConfig:
             o = stage.optim
             if o.optimizer not in ("prodigy", "adamw"):
                 problems.append(f"{name}.optim.optimizer must be prodigy or adamw, got {o.optimizer!r}")
+            if o.lr_schedule not in ("linear", "constant"):
+                problems.append(f"{name}.optim.lr_schedule must be linear or constant, got {o.lr_schedule!r}")
+            if not 0.0 <= o.lr_final_factor <= 1.0 or o.lr_decay_start < 0 or o.warmup_steps < 0:
+                problems.append(f"{name}.optim: lr_final_factor must be in [0, 1], "
+                                "lr_decay_start and warmup_steps >= 0")
             if o.batch_size < 1 or o.grad_accum < 1 or stage.max_steps < 0:
                 problems.append(f"{name}: batch_size and grad_accum must be >= 1 and max_steps >= 0")
             loss = stage.loss
@@ -153,6 +187,9 @@ class TrainConfig:
                 problems.append(f"{name}.loss.next_t_ratio must be a range inside (0, 1), got {loss.next_t_ratio}")
             if not 0.0 <= loss.cfg_prob <= 1.0:
                 problems.append(f"{name}.loss.cfg_prob must be in [0, 1]")
+            if not loss.student_templates or any(t.count("{subject}") != 1 for t in loss.student_templates):
+                problems.append(f"{name}.loss.student_templates must be a non-empty list of prompts, "
+                                "each with '{subject}' once")
             for factors in stage.expansion.factors:
                 if not factors or any(int(f) < 1 for f in factors):
                     problems.append(f"{name}.expansion.factors entries must be non-empty lists of ints >= 1")

@@ -66,7 +66,7 @@ def build_optimizer(params: list[torch.nn.Parameter], config: OptimConfig, previ
         from prodigyopt import Prodigy
 
         optimizer = Prodigy(params, lr=config.lr, d_coef=config.d_coef, weight_decay=config.weight_decay,
-                            betas=tuple(config.betas))
+                            betas=tuple(config.betas), use_bias_correction=config.bias_correction)
     elif config.optimizer == "adamw":
         # fused: one kernel for all parameters on the GPU instead of a loop of small ones
         fused = bool(params) and params[0].device.type == "cuda"
@@ -96,11 +96,18 @@ def carry_optimizer_state(old: torch.optim.Optimizer, new: torch.optim.Optimizer
                 new_group[key] = old_group[key]
 
 
-def build_lr_scheduler(optimizer, config: OptimConfig, step: int):
-    warmup = max(0, config.warmup_steps)
+def lr_factor(config: OptimConfig, max_steps: int, step: int) -> float:
+    """The LR multiplier at optimizer step ``step`` (0-based): linear warm-up, then optionally linear decay."""
+    factor = min(1.0, (step + 1) / config.warmup_steps) if config.warmup_steps > 0 else 1.0
+    if config.lr_schedule == "linear" and step > config.lr_decay_start:
+        span = max(1, max_steps - config.lr_decay_start)
+        factor *= 1.0 - (1.0 - config.lr_final_factor) * min(1.0, (step - config.lr_decay_start) / span)
+    return factor
 
+
+def build_lr_scheduler(optimizer, config: OptimConfig, max_steps: int, step: int):
     def factor(s: int) -> float:
-        return min(1.0, (s + 1) / warmup) if warmup else 1.0
+        return lr_factor(config, max_steps, s)
 
     for group in optimizer.param_groups:
         group.setdefault("initial_lr", group["lr"])
@@ -177,7 +184,7 @@ class Trainer:
                         models.inverter.config.attention_multipliers)
         self.expansion.check(models.inverter)
         self.optimizer = build_optimizer(trainable_parameters(models.inverter), stage_config.optim)
-        self.lr_scheduler = build_lr_scheduler(self.optimizer, stage_config.optim, self.step)
+        self.lr_scheduler = build_lr_scheduler(self.optimizer, stage_config.optim, stage_config.max_steps, self.step)
         if loaded is not None:
             self.optimizer.load_state_dict(loaded.state["optimizer"])
             self.lr_scheduler.load_state_dict(loaded.state["lr_scheduler"])
@@ -205,7 +212,7 @@ class Trainer:
         self.inverter.to(self.models.device)
         old = self.optimizer
         self.optimizer = build_optimizer(trainable_parameters(self.inverter), self.config.optim, previous=old)
-        self.lr_scheduler = build_lr_scheduler(self.optimizer, self.config.optim, self.step)
+        self.lr_scheduler = build_lr_scheduler(self.optimizer, self.config.optim, self.config.max_steps, self.step)
 
     def check_replicas(self) -> None:
         """With several processes: every process must hold the same weights (raises if not)."""

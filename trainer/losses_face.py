@@ -4,8 +4,11 @@ One chain of k timesteps per sample. Teacher and student see the same noisy late
 the loss is the MSE between their noise predictions, masked to the face where a mask exists. The
 first t is uniform in ``first_t``·T; each next latent is the teacher's x0 estimate re-noised (with
 fresh noise, shared by both) to a smaller t (previous t times a ratio in ``next_t_ratio``). The k
-losses are summed and divided by sqrt(k). The teacher sometimes uses CFG (probability ``cfg_prob``,
-scale uniform in ``cfg_scale``) against Arc2Face's empty-prompt negative, and never builds a graph.
+losses are summed and divided by sqrt(k). Sometimes (probability ``cfg_prob``, scale uniform in
+``cfg_scale``) both sides use CFG with the same scale, as the reference code does: the teacher against
+Arc2Face's empty-prompt negative, the student against SD1.5's. A guided target with an unguided
+prediction would teach the subject tokens to carry the guidance themselves, and a sampler's own CFG
+would then apply it twice. Only the student's conditional pass builds a graph.
 
 Random IDs have no photo. Their chain starts from the teacher's one-step x0 estimate from pure noise
 at t = T-1 (with the same CFG as the chain), which costs one extra teacher forward and puts the
@@ -34,6 +37,12 @@ def _uniform(n: int, low: float, high: float, generator: torch.Generator) -> tor
     return low + (high - low) * torch.rand(n, generator=generator)
 
 
+def guided(uncond: torch.Tensor, cond: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Classifier-free guidance with a per-row ``scale`` ``[B]``; a row of scale 1 is exactly ``cond``."""
+    s = scale.view(-1, 1, 1, 1)
+    return cond * s - uncond * (s - 1)
+
+
 class FaceDistillationLoss:
     """Callable ``(models, batch, generator) -> (loss, metrics)``, the stage-1 plug-in of the loop."""
 
@@ -42,6 +51,8 @@ class FaceDistillationLoss:
         self.latent_size = latent_size
         self._negative: Optional[tuple[torch.nn.Module, torch.Tensor]] = None
         """(the Arc2Face encoder it came from, its empty-prompt embedding): computed once per encoder."""
+        self._student_negative: Optional[tuple[torch.nn.Module, torch.Tensor]] = None
+        """(the SD1.5 text encoder it came from, its empty-prompt embedding): computed once per encoder."""
         self._alphas: Optional[tuple[Any, torch.Tensor]] = None
         """(the scheduler it came from, its alphas_cumprod on the device): copied once, not at every call."""
 
@@ -58,6 +69,12 @@ class FaceDistillationLoss:
         ab = self._alpha_bar(models, t)
         return ((x_t - (1 - ab).sqrt() * eps) / ab.sqrt()).clamp(-X0_CLAMP, X0_CLAMP)
 
+    def student_prompts(self, n: int, generator: torch.Generator) -> list[str]:
+        """One student prompt per sample, drawn from ``student_templates`` (no draw for a single template)."""
+        templates = self.config.student_templates
+        picks = torch.randint(len(templates), (n,), generator=generator).tolist() if len(templates) > 1 else [0] * n
+        return [templates[i].format(subject=self.config.placeholder) for i in picks]
+
     @torch.no_grad()
     def teacher_eps(self, models: Models, x_t, t, context, cfg_scale: Optional[torch.Tensor]) -> torch.Tensor:
         """Teacher noise prediction; ``cfg_scale`` ``[B]`` (rows of 1 mean no guidance) or None for none at all.
@@ -72,7 +89,23 @@ class FaceDistillationLoss:
         out = unet(torch.cat([x_t, x_t]).to(dtype), torch.cat([t, t]),
                    encoder_hidden_states=torch.cat([negative, context]).to(dtype)).sample.float()
         uncond, cond = out.chunk(2)
-        return uncond + cfg_scale.view(-1, 1, 1, 1) * (cond - uncond)
+        return guided(uncond, cond, cfg_scale)
+
+    def student_eps(self, models: Models, x_t, t, context, cfg_scale: Optional[torch.Tensor]) -> torch.Tensor:
+        """Student noise prediction, guided like the teacher's (same rows, same scales).
+
+        The empty-prompt pass runs without a graph: gradients reach the tokens through the conditional
+        pass only, times the scale, as in the reference code."""
+        unet, dtype = models.unet, models.frozen_dtype
+        cond = unet(x_t.to(dtype), t, encoder_hidden_states=context.to(dtype)).sample.float()
+        if cfg_scale is None:
+            return cond
+        with torch.no_grad():
+            if self._student_negative is None or self._student_negative[0] is not models.text_encoder:
+                self._student_negative = (models.text_encoder, models.encode_prompts([""]).detach())
+            negative = self._student_negative[1].to(dtype).expand(x_t.shape[0], -1, -1)
+            uncond = unet(x_t.to(dtype), t, encoder_hidden_states=negative).sample.float()
+        return guided(uncond, cond, cfg_scale)
 
     @torch.no_grad()
     def start_x0(self, models: Models, batch: FaceBatch, pure_noise: torch.Tensor, teacher_ctx: torch.Tensor,
@@ -124,15 +157,14 @@ class FaceDistillationLoss:
             x0, mask = self.start_x0(models, batch, noises[-1], teacher_ctx, cfg_scale, cfg.use_masks)
 
         subject = models.inverter(id_tokens.float())
-        student_ctx = models.encode_with_subject([cfg.student_prompt] * b, cfg.placeholder, subject)
+        student_ctx = models.encode_with_subject(self.student_prompts(b, generator), cfg.placeholder, subject)
 
         t = host_to_device(first_t, device)
         losses = []
         for i in range(cfg.chain_steps):
             x_t = self.noisy(models, x0, noises[i], t)
             eps_teacher = self.teacher_eps(models, x_t, t, teacher_ctx, cfg_scale)
-            eps_student = models.unet(x_t.to(models.frozen_dtype), t,
-                                      encoder_hidden_states=student_ctx.to(models.frozen_dtype)).sample.float()
+            eps_student = self.student_eps(models, x_t, t, student_ctx, cfg_scale)
             sq = (eps_student - eps_teacher) ** 2 * mask
             losses.append(sq.sum() / (mask.sum() * sq.shape[1]).clamp_min(1.0))
             if i + 1 < cfg.chain_steps:
