@@ -79,18 +79,20 @@ class AdaFaceLoader:
 
     @classmethod
     def VALIDATE_INPUTS(cls, inverter: str, arc2face: str, face_models: str) -> bool | str:
-        """Says which file is missing and where it goes, before the run starts.
+        """Says which files are missing and where they go, before the run starts.
 
         Declaring the three dropdowns here replaces ComfyUI's own check, which would only say
-        "value not in list" for a workflow whose models this install does not have yet.
+        "value not in list" for a workflow whose models this install does not have yet. ComfyUI shows
+        the one message under each of the three inputs, so it names every missing model at once.
         """
-        try:
-            folders.inverter_path(inverter)
-            folders.arc2face_folder(arc2face)
-            folders.face_pack_folder(face_models)
-        except ModelFileMissingError as missing:
-            return str(missing)
-        return True
+        problems = []
+        for find, value in ((folders.inverter_path, inverter), (folders.arc2face_folder, arc2face),
+                            (folders.face_pack_folder, face_models)):
+            try:
+                find(value)
+            except ModelFileMissingError as missing:
+                problems.append(str(missing))
+        return "; ".join(problems) if problems else True
 
     def load(self, inverter: str, arc2face: str, face_models: str, provider: str) -> tuple[AdaFaceBundle]:
         inverter_file = folders.inverter_path(inverter)

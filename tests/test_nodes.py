@@ -107,6 +107,15 @@ def test_missing_model_names_the_folder_to_put_it_in(env, inputs, where):
     assert loader.VALIDATE_INPUTS(INVERTER, ARC2FACE, FACES) is True
 
 
+def test_validation_names_every_missing_model_at_once(env):
+    """ComfyUI puts the message under each input it validates: one run shows all that is missing."""
+    loader = env.pack.NODE_CLASS_MAPPINGS["AdaFaceLoader"]
+    message = loader.VALIDATE_INPUTS("missing.safetensors", ARC2FACE, "buffalo_l")
+    assert isinstance(message, str) and "missing.safetensors" in message and "buffalo_l" in message
+    assert str(env.models / "adaface") in message and str(env.models / "insightface") in message
+    assert ARC2FACE not in message  # the one that is there is not reported
+
+
 def test_auto_face_provider_follows_comfyuis_device(env):
     onnx_provider = env.module("nodes.loader").onnx_provider
     assert onnx_provider("auto", torch.device("cpu")) == "cpu"  # python main.py --cpu
