@@ -396,6 +396,9 @@ def test_student_templates_are_drawn_per_sample_and_a_prompt_without_the_subject
     prompts = loss_fn.student_prompts(16, torch.Generator().manual_seed(0))
     assert set(prompts) == {"a photo of z", "an oil painting of z"}
     assert prompts == loss_fn.student_prompts(16, torch.Generator().manual_seed(0))  # from the loss's generator
+    # Only {subject} is filled in; other braces are the user's text.
+    braces = FaceDistillationLoss(FaceLossConfig(student_templates=["a {style} photo of {subject}"]), LATENT)
+    assert braces.student_prompts(2, torch.Generator()) == ["a {style} photo of z"] * 2
     # Each row's context is one template's, and a batch mixes them.
     b = 6
     batch = random_id_batch(models, b, seed=1)

@@ -12,7 +12,7 @@ from accelerate import Accelerator
 from adaface_core.checkpoint import load_inverter
 from trainer import checkpointing
 from trainer.config import OptimConfig, config_from_dict
-from trainer.loop import SimulatedCrash, Trainer, build_lr_scheduler, build_optimizer, heldout_loss
+from trainer.loop import SimulatedCrash, Trainer, build_lr_scheduler, build_optimizer, heldout_loss, lr_factor
 from trainer.models import build_models
 from trainer.run import main
 from trainer.stages import build_face_stage
@@ -201,6 +201,29 @@ def test_prodigy_gets_the_reference_settings_and_its_lr_schedule():
     assert flat.get_last_lr()[0] == 1.0
 
 
+def logged_lrs(output: Path) -> dict[int, float]:
+    """losses.csv's LR column by step: the LR each optimizer step ran with."""
+    rows = (output / "face" / "losses.csv").read_text().splitlines()[1:]
+    return {int(r.split(",")[0]): float(r.split(",")[2]) for r in rows}
+
+
+def test_a_resume_with_more_steps_continues_on_the_longer_schedule(models_root, tmp_path):
+    """``--max-steps 6`` ends that run's decay at step 6; resuming to 12 follows the 12-step schedule from
+    step 7 on, not the LR the short run ended with."""
+    optim = {"optimizer": "adamw", "lr": 2e-3, "batch_size": 2, "grad_accum": 2, "lr_decay_start": 2}
+    settings = {"optim": optim, "expansion": {"enabled": False}}
+    run_cli(write_config(tmp_path / "straight.yaml", make_config(models_root, tmp_path / "straight", **settings)))
+    split = write_config(tmp_path / "split.yaml", make_config(models_root, tmp_path / "split", **settings))
+    run_cli(split, "--max-steps", "6")
+    run_cli(split, "--resume", str(tmp_path / "split"))
+    straight, resumed = logged_lrs(tmp_path / "straight"), logged_lrs(tmp_path / "split")
+    schedule = OptimConfig(**{k: v for k, v in optim.items() if k != "optimizer"})
+    assert sorted(straight) == sorted(resumed) == list(range(1, 13))
+    assert straight == pytest.approx({n: 2e-3 * lr_factor(schedule, 12, n - 1) for n in straight}, rel=1e-4)
+    assert resumed[6] == pytest.approx(2e-3 * lr_factor(schedule, 6, 5), rel=1e-4) and resumed[6] < straight[6]
+    assert [resumed[n] for n in range(7, 13)] == pytest.approx([straight[n] for n in range(7, 13)], rel=1e-4)
+
+
 def test_crash_midway_then_resume_loses_only_unsaved_steps(models_root, tmp_path):
     # The LR decays from step 2 on, so the resumed run must also land on the same point of the schedule.
     decaying = {"optim": {"optimizer": "adamw", "lr": 2e-3, "batch_size": 2, "grad_accum": 2, "lr_decay_start": 2}}
@@ -231,6 +254,11 @@ def test_crash_midway_then_resume_loses_only_unsaved_steps(models_root, tmp_path
     assert not [p for p in ckpts.iterdir() if p.name.startswith(".")]
     assert not list((tmp_path / "crash").rglob("*.tmp"))
     assert_same_weights(weights(reference.stages[0].final_checkpoint), weights(resumed.stages[0].final_checkpoint))
+    # The decay resumed where it was, and the expansions at steps 4 and 8 (a new optimizer each) kept it.
+    schedule = OptimConfig(lr=2e-3, lr_decay_start=2)
+    expected = {n: 2e-3 * lr_factor(schedule, 12, n - 1) for n in range(1, 13)}
+    assert logged_lrs(tmp_path / "ref") == pytest.approx(expected, rel=1e-4)
+    assert logged_lrs(tmp_path / "crash") == logged_lrs(tmp_path / "ref")
     assert [n for n, _ in checkpointing.list_checkpoints(ckpts)] == [6, 9, 12]  # keep_last = 3
 
 

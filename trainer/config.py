@@ -71,8 +71,9 @@ STUDENT_TEMPLATES = (
 @dataclass
 class FaceLossConfig:
     student_templates: list[str] = field(default_factory=lambda: list(STUDENT_TEMPLATES))
-    """The student's prompt, one drawn per sample; ``{subject}`` becomes the placeholder. Several, as in the
-    reference code, so the subject tokens are not learnt for one fixed context."""
+    """The student's prompt, one drawn per sample; ``{subject}`` becomes the placeholder (other text, braces
+    included, stays as written). Several, as in the reference code, so the subject tokens are not learnt for
+    one fixed context."""
     placeholder: str = "z"
     chain_steps: int = 3
     first_t: tuple[float, float] = (0.7, 0.9)
@@ -97,7 +98,8 @@ class OptimConfig:
     batch_size: int = 4
     grad_accum: int = 2
     warmup_steps: int = 0
-    """Linear warm-up from 0 over these steps (AdamW; Prodigy estimates its own step size)."""
+    """Linear warm-up from 0 over these steps (for AdamW; Prodigy estimates its own step size, and the
+    reference's Prodigy "warm_up_steps" are a hold at full LR, ``lr_decay_start`` here)."""
     lr_schedule: str = "linear"
     """``linear``: after ``lr_decay_start`` steps the LR falls linearly to ``lr_final_factor`` x at the stage's
     last step (the reference code's Prodigy schedule); ``constant``: no decay."""

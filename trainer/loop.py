@@ -184,10 +184,11 @@ class Trainer:
                         models.inverter.config.attention_multipliers)
         self.expansion.check(models.inverter)
         self.optimizer = build_optimizer(trainable_parameters(models.inverter), stage_config.optim)
-        self.lr_scheduler = build_lr_scheduler(self.optimizer, stage_config.optim, stage_config.max_steps, self.step)
         if loaded is not None:
             self.optimizer.load_state_dict(loaded.state["optimizer"])
-            self.lr_scheduler.load_state_dict(loaded.state["lr_scheduler"])
+        # Built from the step alone, after the optimizer's state is back (it holds the saved LR): a resume
+        # with another max_steps continues on the schedule now in force, not at the LR of the old one.
+        self.lr_scheduler = build_lr_scheduler(self.optimizer, stage_config.optim, stage_config.max_steps, self.step)
         if rng is not None:
             set_rng_state(rng, self.generator)
 
@@ -199,7 +200,6 @@ class Trainer:
         return {
             "stage": self.stage.name,
             "optimizer": self.optimizer.state_dict(),
-            "lr_scheduler": self.lr_scheduler.state_dict(),
             "expansion": self.expansion.state_dict(),
         }
 
@@ -260,6 +260,7 @@ class Trainer:
         last_saved: Optional[Path] = None
         try:
             while self.step < max_steps:
+                lr = self.optimizer.param_groups[0]["lr"]  # the step's own LR (the scheduler moves it on)
                 loss, metrics = self.train_step()
                 self.step += 1
                 losses.append(loss)
@@ -270,7 +271,7 @@ class Trainer:
                 if factors is not None:
                     self._expand(factors)
                 if self.step % self.log_every == 0 or self.step == max_steps:
-                    log.log(self.step, loss, self.optimizer.param_groups[0]["lr"],
+                    log.log(self.step, loss, lr,
                             self.inverter.config.attention_multipliers, {k: float(v) for k, v in metrics.items()})
                 log.progress(self.step, loss)
                 if self.step % self.save_every == 0 or self.step == max_steps:

@@ -73,7 +73,7 @@ class FaceDistillationLoss:
         """One student prompt per sample, drawn from ``student_templates`` (no draw for a single template)."""
         templates = self.config.student_templates
         picks = torch.randint(len(templates), (n,), generator=generator).tolist() if len(templates) > 1 else [0] * n
-        return [templates[i].format(subject=self.config.placeholder) for i in picks]
+        return [templates[i].replace("{subject}", self.config.placeholder) for i in picks]
 
     @torch.no_grad()
     def teacher_eps(self, models: Models, x_t, t, context, cfg_scale: Optional[torch.Tensor]) -> torch.Tensor:
@@ -103,7 +103,7 @@ class FaceDistillationLoss:
         with torch.no_grad():
             if self._student_negative is None or self._student_negative[0] is not models.text_encoder:
                 self._student_negative = (models.text_encoder, models.encode_prompts([""]).detach())
-            negative = self._student_negative[1].to(dtype).expand(x_t.shape[0], -1, -1)
+            negative = self._student_negative[1].to(x_t.device, dtype).expand(x_t.shape[0], -1, -1)
             uncond = unet(x_t.to(dtype), t, encoder_hidden_states=negative).sample.float()
         return guided(uncond, cond, cfg_scale)
 
