@@ -29,6 +29,7 @@ from adaface_core.devices import host_to_device
 from .config import FaceLossConfig
 from .face_space import FaceBatch, FaceSpace
 from .models import Models
+from .prompt_cache import FrozenPromptCache
 
 X0_CLAMP = 5.0
 
@@ -51,8 +52,8 @@ class FaceDistillationLoss:
         self.latent_size = latent_size
         self._negative: Optional[tuple[torch.nn.Module, torch.Tensor]] = None
         """(the Arc2Face encoder it came from, its empty-prompt embedding): computed once per encoder."""
-        self._student_negative: Optional[tuple[torch.nn.Module, torch.Tensor]] = None
-        """(the SD1.5 text encoder it came from, its empty-prompt embedding): computed once per encoder."""
+        self._student_negative = FrozenPromptCache()
+        """SD1.5's empty-prompt embedding, the student's negative: encoded once per text encoder."""
         self._alphas: Optional[tuple[Any, torch.Tensor]] = None
         """(the scheduler it came from, its alphas_cumprod on the device): copied once, not at every call."""
 
@@ -101,9 +102,7 @@ class FaceDistillationLoss:
         if cfg_scale is None:
             return cond
         with torch.no_grad():
-            if self._student_negative is None or self._student_negative[0] is not models.text_encoder:
-                self._student_negative = (models.text_encoder, models.encode_prompts([""]).detach())
-            negative = self._student_negative[1].to(x_t.device, dtype).expand(x_t.shape[0], -1, -1)
+            negative = self._student_negative.encode(models, [""] * x_t.shape[0]).to(x_t.device, dtype)
             uncond = unet(x_t.to(dtype), t, encoder_hidden_states=negative).sample.float()
         return guided(uncond, cond, cfg_scale)
 

@@ -1,4 +1,5 @@
-"""CLIP embeddings of prompts without a trainable token (stage 2's class prompts), cached by their text.
+"""CLIP embeddings of prompts without a trainable token (stage 2's class prompts, stage 1's empty-prompt
+negative), cached by their text.
 
 Why: the frozen SD1.5 text encoder gives "a photo of a person riding a horse" the same embedding at every
 step, and stage 2 draws its class prompts from a finite set (the composition pool times the class words of
