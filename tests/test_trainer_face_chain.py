@@ -19,6 +19,7 @@ import torch
 
 from adaface_core.errors import ConfigError
 from tests.test_trainer_loss_expansion import _photo_batch, models  # noqa: F401  (module fixture, reused)
+from trainer.compositions import fill_subject
 from trainer.config import FaceLossConfig, config_from_dict
 from trainer.face_space import FaceBatch, FaceSpace
 from trainer.losses_face import FaceDistillationLoss
@@ -180,7 +181,7 @@ def test_teacher_and_student_see_the_same_x_t_and_t_at_every_step(models, monkey
     with torch.no_grad():
         tokens = models.id_encoder(batch.id_vectors.to(models.frozen_dtype)).id_tokens
         subject = models.inverter(tokens.float())
-        per_template = [models.encode_with_subject([t.format(subject=cfg.placeholder)] * b, cfg.placeholder,
+        per_template = [models.encode_with_subject([fill_subject(t, cfg.placeholder)] * b, cfg.placeholder,
                                                    subject).float() for t in cfg.student_templates]
         negative = models.encode_prompts([""]).float()
     picked = [[j for j, ctx in enumerate(per_template) if torch.allclose(student[0].ctx[r], ctx[r], atol=ATOL)]
@@ -405,7 +406,7 @@ def test_student_templates_are_drawn_per_sample_and_a_prompt_without_the_subject
     _, _, rec = run_loss(models, loss_fn, batch, 7, monkeypatch)
     with torch.no_grad():
         subject = models.inverter(models.id_encoder(batch.id_vectors.to(models.frozen_dtype)).id_tokens.float())
-        per_template = [models.encode_with_subject([t.format(subject="z")] * b, "z", subject).float()
+        per_template = [models.encode_with_subject([fill_subject(t, "z")] * b, "z", subject).float()
                         for t in templates]
     picked = [[j for j, ctx in enumerate(per_template) if torch.allclose(rec.student[0].ctx[r], ctx[r], atol=ATOL)]
               for r in range(b)]

@@ -83,6 +83,12 @@ def test_heldout_compositions_never_trained_and_settings_checked():
     assert settings.layers == "all" and settings.weights.face_preserve == 0.5
     with pytest.raises(ConfigError, match="unknown key"):
         composition_settings(StageConfig(extra={"class_wrd": "woman"}))
+    with pytest.raises(ConfigError, match="template"):
+        composition_settings(StageConfig(extra={"template": "a photo of a person"}))
+    # Only {subject} is a slot: other braces in a template are kept as the user wrote them.
+    quad = build_prompts("in the rain", "woman", "z", "a {vintage} photo of {subject}")
+    assert quad.subject_comp == "a {vintage} photo of z in the rain"
+    assert quad.class_single == "a {vintage} photo of a woman"
 
 
 def test_photo_without_mask_gets_detector_ellipse(tmp_path):

@@ -19,8 +19,19 @@ logger = logging.getLogger(__name__)
 DEFAULT_POOL_FILE = Path(__file__).resolve().parent / "data" / "compositions.txt"
 DEFAULT_PLACEHOLDER = "z"
 DEFAULT_CLASS_WORD = "person"
-DEFAULT_TEMPLATE = "a photo of {subject}"
+SUBJECT_SLOT = "{subject}"
+DEFAULT_TEMPLATE = f"a photo of {SUBJECT_SLOT}"
 Rng = Union[random.Random, torch.Generator, None]
+
+
+def fill_subject(template: str, subject: str) -> str:
+    """A prompt template (stage 1's student prompts, stage 2's) with its ``{subject}`` slot filled; any other
+    braces are the user's own text, not format fields."""
+    return template.replace(SUBJECT_SLOT, subject)
+
+
+def has_one_subject_slot(template: str) -> bool:
+    return template.count(SUBJECT_SLOT) == 1
 
 
 @dataclass
@@ -118,8 +129,8 @@ def build_prompts(
     template: str = DEFAULT_TEMPLATE,
 ) -> PromptQuad:
     """'a photo of z', 'a photo of z <comp>', 'a photo of a <class>', 'a photo of a <class> <comp>'."""
-    subj = template.format(subject=placeholder)
-    cls = template.format(subject=with_article(class_word))
+    subj = fill_subject(template, placeholder)
+    cls = fill_subject(template, with_article(class_word))
     comp = composition.strip()
     return PromptQuad(subj, f"{subj} {comp}", cls, f"{cls} {comp}", comp)
 

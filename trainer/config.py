@@ -12,6 +12,7 @@ import yaml
 
 from adaface_core.errors import ConfigError, ModelFileMissingError
 
+from .compositions import has_one_subject_slot
 from .single_file import is_single_file, tokenizer_paths
 from .single_file import required_paths as single_file_paths
 
@@ -189,7 +190,7 @@ class TrainConfig:
                 problems.append(f"{name}.loss.next_t_ratio must be a range inside (0, 1), got {loss.next_t_ratio}")
             if not 0.0 <= loss.cfg_prob <= 1.0:
                 problems.append(f"{name}.loss.cfg_prob must be in [0, 1]")
-            if not loss.student_templates or any(t.count("{subject}") != 1 for t in loss.student_templates):
+            if not loss.student_templates or not all(map(has_one_subject_slot, loss.student_templates)):
                 problems.append(f"{name}.loss.student_templates must be a non-empty list of prompts, "
                                 "each with '{subject}' once")
             for factors in stage.expansion.factors:

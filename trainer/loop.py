@@ -17,6 +17,7 @@ import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Optional, Protocol
 
@@ -106,12 +107,10 @@ def lr_factor(config: OptimConfig, max_steps: int, step: int) -> float:
 
 
 def build_lr_scheduler(optimizer, config: OptimConfig, max_steps: int, step: int):
-    def factor(s: int) -> float:
-        return lr_factor(config, max_steps, s)
-
+    """The schedule positioned at ``step``: it has no state beyond the step, so a resume rebuilds it."""
     for group in optimizer.param_groups:
         group.setdefault("initial_lr", group["lr"])
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor, last_epoch=step - 1)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, config, max_steps), last_epoch=step - 1)
 
 
 def precision_context(accelerator):

@@ -26,6 +26,7 @@ import torch
 
 from adaface_core.devices import host_to_device
 
+from .compositions import fill_subject
 from .config import FaceLossConfig
 from .face_space import FaceBatch, FaceSpace
 from .models import Models
@@ -74,7 +75,7 @@ class FaceDistillationLoss:
         """One student prompt per sample, drawn from ``student_templates`` (no draw for a single template)."""
         templates = self.config.student_templates
         picks = torch.randint(len(templates), (n,), generator=generator).tolist() if len(templates) > 1 else [0] * n
-        return [templates[i].replace("{subject}", self.config.placeholder) for i in picks]
+        return [fill_subject(templates[i], self.config.placeholder) for i in picks]
 
     @torch.no_grad()
     def teacher_eps(self, models: Models, x_t, t, context, cfg_scale: Optional[torch.Tensor]) -> torch.Tensor:

@@ -26,8 +26,8 @@ import torch
 
 from adaface_core.devices import host_to_device
 
-from .compositions import (CompositionPool, PromptQuad, aligned_token_index, build_prompts, load_composition_pool,
-                           sample_prompts)
+from .compositions import (DEFAULT_TEMPLATE, CompositionPool, PromptQuad, aligned_token_index, build_prompts,
+                           has_one_subject_slot, load_composition_pool, sample_prompts)
 from .config import StageConfig, TrainConfig, section_from_mapping
 from .face_masks import attach_detector_masks
 from .face_space import FaceBatch, FaceSpace
@@ -47,7 +47,7 @@ class CompositionSettings:
 
     class_word: str = "person"
     """Class word of the class prompts ('a photo of a person') where a photo's folder has no ``class.txt``."""
-    template: str = "a photo of {subject}"
+    template: str = DEFAULT_TEMPLATE
     composition_files: list[str] = field(default_factory=list)
     """Extra composition pools (``trainer/data/compositions.txt`` format), merged with the packaged one."""
     capture_layers: list[str] = field(default_factory=lambda: ["up_blocks.3"])
@@ -80,6 +80,8 @@ def composition_settings(stage_config: StageConfig) -> CompositionSettings:
         raise ConfigError(f"composition.extra.t_range must be a range inside [0, 1], got {settings.t_range}")
     if not 0.0 <= settings.random_id_prob <= 1.0:
         raise ConfigError(f"composition.extra.random_id_prob must be in [0, 1], got {settings.random_id_prob}")
+    if not has_one_subject_slot(settings.template):
+        raise ConfigError(f"composition.extra.template must hold '{{subject}}' once, got {settings.template!r}")
     return settings
 
 
