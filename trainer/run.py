@@ -152,16 +152,17 @@ def main(argv: Optional[list[str]] = None) -> RunResult:
     for name in stages:
         get_stage_builder(name)  # a missing stage fails before minutes of model loading
     models = build_models(config, accelerator.device, frozen_dtype_for(config, accelerator.device))
-    from trainer.speed import apply_speed_options
+    from trainer.speed import apply_speed_options, compiled_unets_see_hooks
 
     apply_speed_options(models, config.run)
     result = RunResult(output)
-    for name in stages:
-        result.stages.append(run_stage(name, config, models, accelerator, output, args.resume, args))
-    if args.preset == "smoke" and accelerator.is_main_process:
-        from trainer.presets import smoke_check
+    with compiled_unets_see_hooks(config.run):
+        for name in stages:
+            result.stages.append(run_stage(name, config, models, accelerator, output, args.resume, args))
+        if args.preset == "smoke" and accelerator.is_main_process:
+            from trainer.presets import smoke_check
 
-        result.smoke_check = smoke_check(config, models, result, output)
+            result.smoke_check = smoke_check(config, models, result, output)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     if accelerator.num_processes > 1:

@@ -6,7 +6,8 @@ compiling costs minutes before the first step."""
 from __future__ import annotations
 
 import logging
-from typing import Optional
+from contextlib import contextmanager
+from typing import Iterator, Optional
 
 import torch
 
@@ -34,3 +35,21 @@ def apply_speed_options(models: Models, run: RunConfig, compile_backend: str = "
             prepare_unet(unet, run.channels_last, backend)
     if run.channels_last or run.compile:
         logger.info("frozen UNets: channels_last=%s, torch.compile=%s", run.channels_last, backend or "off")
+
+
+@contextmanager
+def compiled_unets_see_hooks(run: RunConfig) -> Iterator[None]:
+    """Runs the block with ``torch.compile`` guarding on module hooks, when ``run.compile`` is on.
+
+    Stage 2 reads cross-attention activations through forward hooks it adds around each UNet call
+    (``feature_capture.py``). By default dynamo does not guard on hooks (``skip_nnmodule_hook_guards``): a
+    graph it compiled before they existed (stage 1's, on the same UNet, or any earlier no-grad call) keeps
+    running after they are added, and the capture records nothing. With the guard, adding the hooks
+    compiles once more and the new graph runs them. Scoped to the training run, not set for the process."""
+    if not run.compile:
+        yield
+        return
+    import torch._dynamo
+
+    with torch._dynamo.config.patch(skip_nnmodule_hook_guards=False):
+        yield
