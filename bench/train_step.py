@@ -35,7 +35,7 @@ from trainer.loop import Trainer  # noqa: E402
 from trainer.models import Models, _frozen, build_inverter, frozen_dtype_for  # noqa: E402
 from trainer.single_file import sd15_scheduler  # noqa: E402
 from trainer.run import make_accelerator  # noqa: E402
-from trainer.speed import apply_speed_options  # noqa: E402
+from trainer.speed import apply_speed_options, compiled_unets_see_hooks  # noqa: E402
 from trainer.stages import get_stage_builder  # noqa: E402
 
 PAPER_STEPS = {"face": 240_000, "composition": 120_000}
@@ -84,6 +84,32 @@ def count_syncs(step: Callable[[], object], device: torch.device) -> Optional[di
     return {"total": sum(sites.values()), "by_site": dict(sites.most_common(12))}
 
 
+def compile_events() -> tuple[list, int]:
+    """(dynamo's compilation records so far in this process, graph breaks met so far)."""
+    from torch._dynamo.utils import counters, get_compilation_metrics
+
+    return list(get_compilation_metrics()), sum(counters["graph_break"].values())
+
+
+def compile_record(before: tuple[list, int], after_first_step: tuple[list, int], after_timing: tuple[list, int]) -> dict:
+    """What ``torch.compile`` did in one stage's bench: the frames dynamo compiled by the end of the first
+    step and of the timed steps (the UNet forward and each recompile of it; stage 2's UNet-level capture
+    hooks are frames of their own), why each recompile happened, graph breaks, seconds spent compiling.
+
+    A compile inside the timed steps would put compiling into the median, and a graph break runs the code
+    between the pieces eagerly: both show here instead of as an unexplained step time."""
+    new = after_timing[0][len(before[0]):]
+    return {
+        "frames_after_first_step": len(after_first_step[0]) - len(before[0]),
+        "frames_after_timed_steps": len(new),
+        "frames": [f"{getattr(m, 'co_name', '?')} {getattr(m, 'compile_id', '')}: {getattr(m, 'graph_op_count', 0) or 0} ops"
+                   for m in new],
+        "recompile_reasons": [m.recompile_reason.strip() for m in new if getattr(m, "recompile_reason", None)],
+        "graph_breaks": after_timing[1] - before[1],
+        "compile_s": round(sum(getattr(m, "entire_frame_compile_time_s", None) or 0.0 for m in new), 1),
+    }
+
+
 def bench_stage(name: str, args, device: torch.device, tmp: Path) -> tuple[dict, Timing]:
     config = TrainConfig()
     config.run.device = "cpu" if device.type == "cpu" else "auto"
@@ -97,26 +123,35 @@ def bench_stage(name: str, args, device: torch.device, tmp: Path) -> tuple[dict,
     else:
         config.composition = stage_config
     accelerator = make_accelerator(config)
+    if args.compile:
+        # From scratch for every stage and row of a suite: the first step is then this stage's compile time,
+        # and nothing carries over from an earlier one (a call under FlopCounterMode leaves dynamo skipping
+        # the compiled UNet's frame from then on, so a later stage would silently run eager).
+        torch._dynamo.reset()
     config.run.gradient_checkpointing = args.gradient_checkpointing
     config.run.channels_last = args.channels_last
     config.run.compile = args.compile
     models = build_random_models(config, accelerator.device, args.tiny, tmp)
-    apply_speed_options(models, config.run)  # the trainer's own switches
+    apply_speed_options(models, config.run, compile_backend=args.compile_backend)  # the trainer's own switches
     stage = get_stage_builder(name)(config, stage_config, models, accelerator, tmp / name)
     trainer = Trainer(stage, stage_config, models, accelerator, tmp / name, tensorboard=False, show_progress=False)
 
-    first_step_s = None
-    if args.warmup:  # the first step includes torch.compile's compiling, when it is on
-        first_step_s = time_once(trainer.train_step, device) / 1000
-    for _ in range(args.warmup - 1):
-        trainer.train_step()
-    reset_peak(device)
-    timing = time_fn(trainer.train_step, device, 0, args.repeats)
-    peak = peak_gib(device)
-    with FlopCounterMode(display=False) as counter:
-        trainer.train_step()
-    flops = counter.get_total_flops()
-    syncs = count_syncs(trainer.train_step, device)
+    with compiled_unets_see_hooks(config.run):  # as trainer/run.py trains
+        first_step_s = None
+        compiles_before = compile_events()
+        if args.warmup:  # the first step includes torch.compile's compiling, when it is on
+            first_step_s = time_once(trainer.train_step, device) / 1000
+        compiles_after_first = compile_events()
+        for _ in range(args.warmup - 1):
+            trainer.train_step()
+        reset_peak(device)
+        timing = time_fn(trainer.train_step, device, 0, args.repeats)
+        peak = peak_gib(device)
+        compiled = compile_record(compiles_before, compiles_after_first, compile_events()) if args.compile else None
+        syncs = count_syncs(trainer.train_step, device)
+        with FlopCounterMode(display=False) as counter:  # last: compiled code does not run under it (see above)
+            trainer.train_step()
+        flops = counter.get_total_flops()
     seconds = timing.median / 1000
     tflops = flops / seconds / 1e12
     result = timing.summary() | {
@@ -126,7 +161,7 @@ def bench_stage(name: str, args, device: torch.device, tmp: Path) -> tuple[dict,
         "peak_gib": peak, "frozen_dtype": str(models.frozen_dtype), "mixed_precision": accelerator.mixed_precision,
         "gradient_checkpointing": args.gradient_checkpointing, "optimizer": args.optimizer,
         "channels_last": args.channels_last, "compile": args.compile, "first_step_s": first_step_s,
-        "syncs_per_step": syncs,
+        "compiled": compiled, "syncs_per_step": syncs,
         "paper_schedule_hours": round(PAPER_STEPS[name] * seconds / 3600, 1),
     }
     del trainer, models
@@ -146,6 +181,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--channels-last", action="store_true", help="frozen UNets in channels-last layout")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the frozen UNets (warm-up then includes compiling: raise --warmup)")
+    parser.add_argument("--compile-backend", default="inductor",
+                        help="torch.compile backend (the trainer's: inductor; eager: dynamo's tracing only, a quick check)")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense peak of the dtype (H100 SXM bf16: 989)")
     parser.set_defaults(warmup=2, repeats=5)
     args = parser.parse_args(argv)
@@ -169,6 +206,11 @@ def main(argv: list[str] | None = None) -> dict:
                 rows.append((f"{name} host-device syncs per step", f"{r['syncs_per_step']['total']} ({sites})"))
             if r["first_step_s"] is not None:
                 rows.append((f"{name} first step (with compiling, if --compile)", f"{r['first_step_s']:.1f} s"))
+            if r["compiled"] is not None:
+                c = r["compiled"]
+                rows.append((f"{name} torch.compile", f"{c['frames_after_first_step']} frames compiled in the first "
+                             f"step, {c['frames_after_timed_steps']} by the last timed one, {c['graph_breaks']} graph "
+                             f"breaks, {c['compile_s']} s compiling"))
             rows.append((f"{name} paper schedule ({PAPER_STEPS[name]} steps)", f"{r['paper_schedule_hours']} h"))
     if len(stages) == 2:
         total = sum(r["paper_schedule_hours"] for r in results.values())

@@ -44,6 +44,51 @@ def test_train_step_reports_flops_for_both_stages(tmp_path):
     assert results["paper_schedule_total_hours"] > 0
 
 
+def test_train_step_reports_what_torch_compile_did():
+    """The compile rows say how many graphs were compiled when, and why: a recompile inside the timed steps
+    (compiling counted as step time) must show up in the record rather than hide in the median."""
+    import torch
+    import train_step
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(3, 3)
+
+        def forward(self, x):
+            return self.linear(x).relu()
+
+    block = Block()
+    block.compile(backend="eager")  # dynamo's bookkeeping without inductor's minutes of compiling
+    before = train_step.compile_events()
+    block(torch.randn(2, 3))
+    first = train_step.compile_events()
+    with torch.no_grad():  # the student's negative pass: another grad mode, so another graph
+        block(torch.randn(2, 3))
+    record = train_step.compile_record(before, first, train_step.compile_events())
+    assert record["frames_after_first_step"] == 1 and record["frames_after_timed_steps"] == 2
+    assert [frame.split()[0] for frame in record["frames"]] == ["forward", "forward"]
+    assert all(frame.endswith(": 2 ops") for frame in record["frames"])  # linear, relu
+    assert len(record["recompile_reasons"]) == 1 and "grad_mode" in record["recompile_reasons"][0]
+    assert record["graph_breaks"] == 0 and record["compile_s"] >= 0
+
+
+def test_each_compiled_stage_compiles_its_own_unet_graphs(tmp_path):
+    """A stage benched after another in one process (as the GPU suite runs its rows) still runs its UNets
+    compiled, and its first step is its own compile: the record lists the UNet forward among its frames."""
+    import train_step
+
+    train_step.main(["--tiny", "--repeats", "1", "--warmup", "1", "--compile", "--compile-backend", "eager",
+                     "--json", str(tmp_path / "t.json")])
+    results = _record(tmp_path / "t.json")
+    for stage in ("face", "composition"):
+        compiled = results[stage]["compiled"]
+        assert compiled["frames_after_first_step"] == compiled["frames_after_timed_steps"] >= 1
+        unet_sized = [f for f in compiled["frames"] if int(f.rsplit(": ", 1)[1].split()[0]) > 300]  # a tiny UNet: ~800 ops
+        assert unet_sized, (stage, compiled["frames"])
+        assert compiled["graph_breaks"] == 0
+
+
 def test_face_pipeline_breakdown_and_cache(tmp_path):
     pack = require_buffalo_s_pack(tmp_path / "buffalo_s")
     import face_pipeline
