@@ -102,8 +102,8 @@ def compile_record(before: tuple[list, int], after_first_step: tuple[list, int],
     return {
         "frames_after_first_step": len(after_first_step[0]) - len(before[0]),
         "frames_after_timed_steps": len(new),
-        "frames": [f"{getattr(m, 'co_name', '?')} {getattr(m, 'compile_id', '')}: {getattr(m, 'graph_op_count', 0) or 0} ops"
-                   for m in new],
+        "frames": [{"code": getattr(m, "co_name", None), "id": str(getattr(m, "compile_id", "")),
+                    "ops": getattr(m, "graph_op_count", None) or 0} for m in new],
         "recompile_reasons": [m.recompile_reason.strip() for m in new if getattr(m, "recompile_reason", None)],
         "graph_breaks": after_timing[1] - before[1],
         "compile_s": round(sum(getattr(m, "entire_frame_compile_time_s", None) or 0.0 for m in new), 1),
