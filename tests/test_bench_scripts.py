@@ -46,7 +46,8 @@ def test_train_step_reports_flops_for_both_stages(tmp_path):
 
 def test_train_step_reports_what_torch_compile_did():
     """The compile rows say how many graphs were compiled when, and why: a recompile inside the timed steps
-    (compiling counted as step time) must show up in the record rather than hide in the median."""
+    (compiling counted as step time) must show up in the record rather than hide in the median. The backward
+    graph, compiled lazily at the first backward, is counted apart from the frames, and its time is included."""
     import torch
     import train_step
 
@@ -58,18 +59,19 @@ def test_train_step_reports_what_torch_compile_did():
         def forward(self, x):
             return self.linear(x).relu()
 
-    block = Block()
-    block.compile(backend="eager")  # dynamo's bookkeeping without inductor's minutes of compiling
+    block = Block().requires_grad_(False)  # frozen, like the UNet; the gradient flows to its input
+    block.compile(backend="aot_eager")  # dynamo's and AOT autograd's bookkeeping without inductor's minutes
     before = train_step.compile_events()
-    block(torch.randn(2, 3))
+    block(torch.randn(2, 3, requires_grad=True)).sum().backward()
     first = train_step.compile_events()
     with torch.no_grad():  # the student's negative pass: another grad mode, so another graph
         block(torch.randn(2, 3))
     record = train_step.compile_record(before, first, train_step.compile_events())
     assert record["frames_after_first_step"] == 1 and record["frames_after_timed_steps"] == 2
+    assert record["backward_graphs_after_first_step"] == record["backward_graphs_after_timed_steps"] == 1
     assert [(frame["code"], frame["ops"]) for frame in record["frames"]] == [("forward", 2)] * 2  # linear, relu
     assert len(record["recompile_reasons"]) == 1 and "grad_mode" in record["recompile_reasons"][0]
-    assert record["graph_breaks"] == 0 and record["compile_s"] >= 0
+    assert record["graph_breaks"] == 0 and record["compile_s"] >= record["backward_compile_s"] >= 0
 
 
 def test_each_compiled_stage_compiles_its_own_unet_graphs(tmp_path):
