@@ -223,10 +223,11 @@ def main(argv: list[str] | None = None) -> dict:
                 rows.append((f"{name} first step (with compiling, if --compile)", f"{r['first_step_s']:.1f} s"))
             if r["compiled"] is not None:
                 c = r["compiled"]
-                rows.append((f"{name} torch.compile", f"{c['frames_after_first_step']} frames compiled in the first "
-                             f"step, {c['frames_after_timed_steps']} by the last timed one; {c['backward_graphs_after_first_step']} "
-                             f"backward graphs, {c['backward_graphs_after_timed_steps']}; {c['graph_breaks']} graph "
-                             f"breaks; {c['compile_s']} s compiling ({c['backward_compile_s']} s of it backward)"))
+                rows.append((f"{name} torch.compile",
+                             f"frames {c['frames_after_first_step']} after the first step, {c['frames_after_timed_steps']} "
+                             f"after the timed ones; backward graphs {c['backward_graphs_after_first_step']}, "
+                             f"{c['backward_graphs_after_timed_steps']}; {c['graph_breaks']} graph breaks; "
+                             f"{c['compile_s']} s compiling ({c['backward_compile_s']} s of it backward)"))
             rows.append((f"{name} paper schedule ({PAPER_STEPS[name]} steps)", f"{r['paper_schedule_hours']} h"))
     if len(stages) == 2:
         total = sum(r["paper_schedule_hours"] for r in results.values())
