@@ -7,22 +7,30 @@ Two front ends share one idea (AdaFace's in-place replacement, DESIGN §2.6):
   never straddle two chunks, so position embeddings line up as in a plain prompt.
   A plain tokenizer's output (ids, a batch of them, a ``BatchEncoding``) is taken too, and
   ``chunk_input_embeds`` turns the result into input embeddings for any CLIP text encoder.
+  ``inject_prompt`` starts from the text, so only a placeholder that stands as a word is replaced
+  (``z``, not the end of ``schwarz``).
 - ``splice_subject_embeds`` does the same on batched ``[B, 77, H]`` token embeddings (the trainer).
 Nothing after the text encoder changes, which is why any sampler or AnimateDiff works unchanged.
 """
 
 from __future__ import annotations
 
+import logging
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
 from .devices import host_to_device
 from .errors import ConfigError, PlaceholderError
 
+logger = logging.getLogger(__name__)
+
 Entry = tuple  # (token, weight) or (token, weight, word_id)
+EMBEDDING_PREFIX = "embedding:"
+"""How a ComfyUI prompt names a textual-inversion embedding (``embedding:name``)."""
 
 
 @dataclass(frozen=True)
@@ -95,12 +103,8 @@ def _token_id(entry: Entry) -> Any:
     return token if isinstance(token, int) else None
 
 
-def _find(content: list[Entry], ids: tuple[int, ...], start: int) -> int:
-    n = len(ids)
-    for i in range(start, len(content) - n + 1):
-        if all(_token_id(content[i + k]) == ids[k] for k in range(n)):
-            return i
-    return -1
+def _matches(content: Sequence[Entry], ids: tuple[int, ...], at: int) -> bool:
+    return at + len(ids) <= len(content) and all(_token_id(content[at + k]) == ids[k] for k in range(len(ids)))
 
 
 def _subject_entries(slot: SubjectSlot, like: Entry) -> list[Entry]:
@@ -109,33 +113,27 @@ def _subject_entries(slot: SubjectSlot, like: Entry) -> list[Entry]:
     return [(vector, *tail) for vector in slot.tokens.unbind(0)]
 
 
-def _replace_in_content(content: list[Entry], slots: Sequence[SubjectSlot], found: set[str]) -> list[list[Entry]]:
+def _replace_in_content(
+    content: list[Entry], slots: Sequence[SubjectSlot], found: set[str], allowed: Optional[set[int]] = None
+) -> list[list[Entry]]:
     """Splits content into units (subject groups are atomic), replacing every placeholder occurrence.
 
-    Adds the placeholder of each slot that occurred to ``found``.
+    Left to right; where two placeholders match at one position the first slot wins. ``allowed``, when
+    given, holds the only positions a placeholder may start at. Adds each slot that occurred to ``found``.
     """
-    units: list[list[Entry]] = [[entry] for entry in content]
-    for slot in slots:
-        flat = [e for unit in units for e in unit]
-        owner = [u for u, unit in enumerate(units) for _ in unit]
-        new_units: list[list[Entry]] = []
-        i = 0
-        pos = _find(flat, slot.placeholder_ids, 0)
-        while pos >= 0:
-            # Keep the units before the match as they were.
-            while i < pos:
-                unit = units[owner[i]]
-                new_units.append(unit)
-                i += len(unit)
-            new_units.append(_subject_entries(slot, flat[pos]))
+    units: list[list[Entry]] = []
+    i = 0
+    while i < len(content):
+        slot = None
+        if allowed is None or i in allowed:
+            slot = next((s for s in slots if _matches(content, s.placeholder_ids, i)), None)
+        if slot is None:
+            units.append([content[i]])
+            i += 1
+        else:
+            units.append(_subject_entries(slot, content[i]))
             found.add(slot.placeholder)
-            i = pos + len(slot.placeholder_ids)
-            pos = _find(flat, slot.placeholder_ids, i)
-        while i < len(flat):
-            unit = units[owner[i]]
-            new_units.append(unit)
-            i += len(unit)
-        units = new_units
+            i += len(slot.placeholder_ids)
     return units
 
 
@@ -165,13 +163,16 @@ def inject_into_chunks(
     slots: Sequence[SubjectSlot],
     special: SpecialTokens,
     append_if_missing: bool = False,
+    starts: Optional[Sequence[set[int]]] = None,
 ) -> list[list[Entry]]:
     """Replaces each slot's placeholder in ComfyUI-shaped token chunks by its subject tokens.
 
     Every chunk keeps exactly its original length. A chunk that overflows after replacement is
     split; chunks without placeholders are returned as they were. A placeholder absent from the
     prompt is an error, unless ``append_if_missing`` puts the subject at the end. ``chunks`` may
-    also be a plain tokenizer's output (see ``as_token_chunks``).
+    also be a plain tokenizer's output (see ``as_token_chunks``). ``starts``, per chunk, limits the
+    entry positions a placeholder may start at (``inject_prompt`` finds them from the text);
+    without it every run of the placeholder's token ids counts.
     """
     chunks = as_token_chunks(chunks)
     if not chunks:
@@ -180,13 +181,14 @@ def inject_into_chunks(
     width = len(chunks[0][0])
     found: set[str] = set()
     out: list[list[Entry]] = []
-    for chunk in chunks:
+    for index, chunk in enumerate(chunks):
         if len(chunk) != length:
             raise ConfigError(f"token chunks must all have {length} entries, got one of {len(chunk)}")
         body = list(chunk[1:])
         end = next((i for i, e in enumerate(body) if _token_id(e) == special.end), len(body))
         found_here: set[str] = set()
-        units = _replace_in_content(body[:end], slots, found_here)
+        allowed = None if starts is None else {i - 1 for i in starts[index]}
+        units = _replace_in_content(body[:end], slots, found_here, allowed)
         found |= found_here
         if not found_here:  # nothing replaced: keep the chunk untouched
             out.append(list(chunk))
@@ -205,6 +207,76 @@ def inject_into_chunks(
         units = [[e] for e in last[1:end]] + [_subject_entries(slot, last[end])]
         out[-1:] = _pack(units, special, length, width)
     return out
+
+
+def mask_standalone_placeholders(text: str, slots: Sequence[SubjectSlot]) -> Optional[str]:
+    """``text`` with each placeholder that stands as a word of its own replaced by one digit per token.
+
+    Why: token ids cannot tell the word ``z`` from the end of ``schwarz`` (both end in the token
+    ``z</w>``), nor ``y`` from the start of ``y2k``. CLIP's tokenizer cuts letters, digits and
+    punctuation into separate pieces, so the masked text tokenizes to the same entries except at
+    those words, and comparing the two tokenizations marks them. A word of its own has no letter,
+    digit or underscore on either side (case is ignored, as CLIP lowercases); ``embedding:name``
+    references stay as they are. None if every digit occurs in a placeholder (no mask possible).
+    """
+    digit = next((d for d in "0123456789" if all(d not in slot.placeholder for slot in slots)), None)
+    if digit is None:
+        return None
+    lengths = {slot.placeholder.strip().lower(): len(slot.placeholder_ids) for slot in slots if slot.placeholder.strip()}
+    if not lengths:
+        return text
+    words = "|".join(re.escape(word) for word in sorted(lengths, key=len, reverse=True))
+    pattern = re.compile(rf"({re.escape(EMBEDDING_PREFIX)}\S+)|(?<!\w)({words})(?!\w)", re.IGNORECASE)
+    return pattern.sub(lambda m: m.group(1) or digit * lengths[m.group(2).lower()], text)
+
+
+def standalone_starts(
+    chunks: Sequence[Sequence[Entry]], masked: Sequence[Sequence[Entry]], slots: Sequence[SubjectSlot]
+) -> Optional[list[set[int]]]:
+    """Per chunk, the positions where a placeholder stands as a word: its ids in ``chunks`` and
+    other tokens there in ``masked`` (the tokenization of ``mask_standalone_placeholders``' text).
+
+    None when the two differ anywhere else, i.e. a tokenizer for which the comparison does not hold.
+    """
+    if len(chunks) != len(masked) or any(len(a) != len(b) for a, b in zip(chunks, masked)):
+        return None
+    starts = []
+    for chunk, other in zip(chunks, masked):
+        differing = {i for i, (a, b) in enumerate(zip(chunk, other)) if _token_id(a) != _token_id(b)}
+        here: set[int] = set()
+        covered: set[int] = set()
+        for slot in slots:
+            span = len(slot.placeholder_ids)
+            for i in range(len(chunk) - span + 1):
+                if _matches(chunk, slot.placeholder_ids, i) and differing.issuperset(range(i, i + span)):
+                    here.add(i)
+                    covered.update(range(i, i + span))
+        if differing - covered:
+            return None
+        starts.append(here)
+    return starts
+
+
+def inject_prompt(
+    text: str,
+    tokenize: Callable[[str], list[list[Entry]]],
+    slots: Sequence[SubjectSlot],
+    special: SpecialTokens,
+    append_if_missing: bool = False,
+) -> list[list[Entry]]:
+    """``inject_into_chunks`` on ``tokenize(text)``, replacing only placeholders that stand as words.
+
+    ``tokenize`` gives ComfyUI-shaped chunks (e.g. ``clip.tokenize(text)["l"]``); it is called twice,
+    on the text and on its masked copy. Where the two tokenizations do not line up, every run of
+    the placeholder's ids counts, as in ``inject_into_chunks``, and a warning says so.
+    """
+    chunks = tokenize(text)
+    masked = mask_standalone_placeholders(text, slots)
+    starts = None if masked is None else standalone_starts(chunks, tokenize(masked), slots)
+    if starts is None:
+        logger.warning("could not tell whole-word placeholders from parts of other words in this prompt: "
+                       "every occurrence of the placeholder's tokens is replaced")
+    return inject_into_chunks(chunks, slots, special, append_if_missing=append_if_missing, starts=starts)
 
 
 def splice_subject_embeds(

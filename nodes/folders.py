@@ -106,6 +106,30 @@ def face_pack_folder(name: str) -> Path:
     )
 
 
+def model_files_state(inverter: str, arc2face: str, face_models: str) -> str:
+    """Name, size and modification time of every file the loader reads for these choices.
+
+    Why: ComfyUI reuses a node's output while its inputs stay the same, so without this a retrained
+    inverter saved under the old name, or ``arcface.onnx`` dropped into the face pack, would go
+    unnoticed until ComfyUI restarts. Missing choices count as their own state (the loader's
+    validation names them).
+    """
+    parts = []
+    for find, value, folders_within in ((inverter_path, inverter, ()), (arc2face_folder, arc2face, ("encoder", "arc2face")),
+                                         (face_pack_folder, face_models, (".",))):
+        try:
+            found = find(value)
+        except ModelFileMissingError:
+            parts.append(f"missing {value}")
+            continue
+        files = [found] if found.is_file() else sorted(f for sub in folders_within if (found / sub).is_dir()
+                                                      for f in (found / sub).iterdir() if f.is_file())
+        for file in files:
+            stat = file.stat()
+            parts.append(f"{file}:{stat.st_size}:{stat.st_mtime_ns}")
+    return "|".join(parts)
+
+
 def embeddings_folder() -> Path:
     """Where new embeddings are saved: the first ComfyUI embeddings folder."""
     return _roots(EMBEDDINGS_FOLDER)[0]

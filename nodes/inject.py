@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from ..adaface_core.errors import PlaceholderError
-from ..adaface_core.injection import SpecialTokens, SubjectSlot, inject_into_chunks
+from ..adaface_core.errors import ConfigError, PlaceholderError
+from ..adaface_core.injection import SpecialTokens, SubjectSlot, inject_prompt
 from ..adaface_core.subject import SubjectEmbedding
 from .errors import UnsupportedClipError
 from .types import ADAFACE_SUBJECT, CATEGORY
@@ -55,14 +55,14 @@ class AdaFaceInjectSubject:
                 "clip": ("CLIP", {"tooltip": "The SD1.5 CLIP of the checkpoint you sample with."}),
                 "subject": (ADAFACE_SUBJECT, {"tooltip": "The person, from Face → ID Embedding."}),
                 "text": ("STRING", {"multiline": True, "default": "a photo of z", "tooltip": "The prompt; write the placeholder where the person goes."}),
-                "placeholder": ("STRING", {"default": "z", "tooltip": "The word in the prompt that the subject replaces."}),
+                "placeholder": ("STRING", {"default": "z", "tooltip": "The word in the prompt that the subject replaces, wherever it stands as a word of its own ('z' or 'z,' but not the z of 'schwarz')."}),
                 "id_strength": (
                     "FLOAT",
                     {"default": 1.0, "min": 0.0, "max": 2.0, "step": 0.05, "tooltip": "How strongly the identity shows: 1 as trained, lower gives the prompt more say."},
                 ),
                 "start_percent": (
                     "FLOAT",
-                    {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.001, "tooltip": "Sampling progress at which this conditioning starts to apply. Outside start..end this prompt gives no conditioning at all: combine it (Conditioning (Combine)) with a plain CLIP Text Encode for the other steps."},
+                    {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.001, "tooltip": "Sampling progress at which this conditioning starts to apply. Outside start..end it conditions nothing, and a step with no positive conditioning at all breaks the image: combine it (Conditioning (Combine)) with a plain CLIP Text Encode for the other steps."},
                 ),
                 "end_percent": (
                     "FLOAT",
@@ -92,13 +92,17 @@ class AdaFaceInjectSubject:
         subject_2: Optional[SubjectEmbedding] = None,
         placeholder_2: str = "y",
     ) -> tuple[list]:
-        chunks = sd1_chunks(clip, text)
+        if start_percent >= end_percent:
+            raise ConfigError(
+                f"start_percent ({start_percent}) must be below end_percent ({end_percent}): otherwise the subject never applies"
+            )
         special = SpecialTokens.from_empty_chunk(sd1_chunks(clip, "")[0])
         people = [(placeholder, subject)] + ([(placeholder_2, subject_2)] if subject_2 is not None else [])
         slots = [SubjectSlot(word, placeholder_ids(clip, word, special), person.scaled_tokens(id_strength)) for word, person in people]
         if len({slot.placeholder_ids for slot in slots}) != len(slots):
             raise PlaceholderError(f"both subjects use the placeholder {placeholder!r}: give the second one another word, e.g. 'y'")
-        tokens = {SD1_KEY: inject_into_chunks(chunks, slots, special, append_if_missing=append_if_missing)}
+        chunks = inject_prompt(text, lambda prompt: sd1_chunks(clip, prompt), slots, special, append_if_missing=append_if_missing)
+        tokens = {SD1_KEY: chunks}
         # The range travels in add_dict, as in ComfyUI's own timestep-range handling: hook keyframes
         # outside it are then not encoded at all.
         timestep_range = {} if (start_percent, end_percent) == (0.0, 1.0) else {"start_percent": start_percent, "end_percent": end_percent}

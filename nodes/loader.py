@@ -94,6 +94,11 @@ class AdaFaceLoader:
                 problems.append(str(missing))
         return "; ".join(problems) if problems else True
 
+    @classmethod
+    def IS_CHANGED(cls, inverter: str, arc2face: str, face_models: str, provider: str) -> str:
+        """Reloads when a model file under the chosen names is replaced (same name, new contents)."""
+        return folders.model_files_state(inverter, arc2face, face_models)
+
     def load(self, inverter: str, arc2face: str, face_models: str, provider: str) -> tuple[AdaFaceBundle]:
         inverter_file = folders.inverter_path(inverter)
         arc2face_dir = folders.arc2face_folder(arc2face)

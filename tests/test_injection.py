@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from adaface_core.errors import ConfigError, PlaceholderError
-from adaface_core.injection import (SpecialTokens, SubjectSlot, chunk_input_embeds, inject_into_chunks,
-                                    splice_subject_embeds)
+from adaface_core.injection import (SpecialTokens, SubjectSlot, chunk_input_embeds, inject_into_chunks, inject_prompt,
+                                    mask_standalone_placeholders, splice_subject_embeds)
 from adaface_core.tokenizer import load_clip_tokenizer, single_token_id
 from adaface_core.weights import load_clip_text_folder
 from comfy_standin import StandInClip
@@ -82,6 +82,31 @@ def test_missing_placeholder_is_a_clear_error_unless_appending(clip):
         inject_into_chunks(chunks, [slot(clip, "s", torch.zeros(16, 64))], special(clip))
     out = inject_into_chunks(chunks, [slot(clip, "s", torch.zeros(16, 64))], special(clip), append_if_missing=True)
     assert isinstance(out[0][6][0], torch.Tensor) and out[0][22][0] == special(clip).end
+
+
+def test_only_placeholders_standing_as_words_are_replaced(clip):
+    """The end of 'schwarz' is the token of 'z', the start of 'y2k' that of 'y': only the real words go."""
+    a, b = torch.full((16, 64), 1.0), torch.full((16, 64), 2.0)
+    slots = [slot(clip, "s", a, "z"), slot(clip, "s", b, "y")]
+    out = inject_prompt("Z, in a schwarz coat with y's y2k look", lambda t: clip.tokenize(t)["l"], slots, special(clip))
+    subjects = [e[0] for e in out[0] if isinstance(e[0], torch.Tensor)]
+    assert [float(t[0]) for t in subjects] == [1.0] * 16 + [2.0] * 16
+    rest = [e[0] for e in out[0] if not isinstance(e[0], torch.Tensor)]
+    assert rest == [e[0] for e in clip.tokenize(", in a schwarz coat with 's y2k look")["l"][0]][: len(rest)]
+
+
+def test_the_mask_leaves_embedding_references_and_other_words_alone(clip):
+    slots = [slot(clip, "s", torch.zeros(16, 64), "z")]
+    assert mask_standalone_placeholders("embedding:z z (z:1.2) schwarz z_1 z-like", slots) == "embedding:z 0 (0:1.2) schwarz z_1 0-like"
+
+
+def test_a_tokenizer_the_mask_does_not_fit_falls_back_to_every_occurrence(clip, caplog):
+    def spreading_digits(text):  # one digit becomes two tokens: the two tokenizations no longer line up
+        return clip.tokenize(text.replace("0", "0 0"))["l"]
+
+    out = inject_prompt("z in a schwarz coat", spreading_digits, [slot(clip, "s", torch.zeros(16, 64))], special(clip))
+    assert sum(isinstance(e[0], torch.Tensor) for e in out[0]) == 32
+    assert "could not tell whole-word placeholders" in caplog.text
 
 
 def test_chunks_without_placeholder_are_returned_untouched(clip):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 
 import numpy as np
@@ -116,6 +117,22 @@ def test_validation_names_every_missing_model_at_once(env):
     assert ARC2FACE not in message  # the one that is there is not reported
 
 
+def test_loader_reruns_when_a_model_file_is_replaced_under_its_name(env):
+    """ComfyUI reuses the loader's output while IS_CHANGED stays the same: a new file must change it."""
+    loader = env.pack.NODE_CLASS_MAPPINGS["AdaFaceLoader"]
+    before = loader.IS_CHANGED(INVERTER, ARC2FACE, FACES, "auto")
+    assert loader.IS_CHANGED(INVERTER, ARC2FACE, FACES, "auto") == before
+    faces = env.models / "insightface" / "models" / FACES
+    for replaced in (env.models / "adaface" / INVERTER, next(faces.glob("*.onnx")),
+                     env.models / "arc2face" / ARC2FACE / "encoder" / "pytorch_model.bin"):
+        stat = replaced.stat()
+        os.utime(replaced, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+        after = loader.IS_CHANGED(INVERTER, ARC2FACE, FACES, "auto")
+        assert after != before, replaced
+        before = after
+    assert "missing" in loader.IS_CHANGED("missing.safetensors", ARC2FACE, FACES, "auto")
+
+
 def test_auto_face_provider_follows_comfyuis_device(env):
     onnx_provider = env.module("nodes.loader").onnx_provider
     assert onnx_provider("auto", torch.device("cpu")) == "cpu"  # python main.py --cpu
@@ -206,6 +223,14 @@ def test_second_subject_goes_to_the_second_placeholder(env, clip):
     torch.testing.assert_close(cond, expected, atol=1e-5, rtol=1e-5)
 
 
+def test_a_placeholder_inside_another_word_is_left_alone(env, clip):
+    """'schwarz' ends in the token of 'z' and 'y2k' starts with the token of 'y': neither is a placeholder."""
+    dog, cat = word_subject(env, clip, "dog"), word_subject(env, clip, "cat")
+    cond = inject(env, clip, dog, "z, in a schwarz coat, and (Y:1.2) in y2k style", subject_2=cat, placeholder_2="y")[0][0]
+    expected = clip.encode_from_tokens(clip.tokenize("dog, in a schwarz coat, and (cat:1.2) in y2k style"))
+    torch.testing.assert_close(cond, expected, atol=1e-5, rtol=1e-5)
+
+
 def test_id_strength_moves_the_tokens_toward_padding(env, clip, subject):
     SubjectEmbedding = env.core("subject", "SubjectEmbedding")
     padding = SubjectEmbedding(subject.pad_embeds, subject.pad_embeds, subject.id_vector)
@@ -216,6 +241,11 @@ def test_start_and_end_percent_are_recorded(env, clip, subject):
     conditioning = inject(env, clip, subject, start_percent=0.2, end_percent=0.8)
     assert conditioning[0][1]["start_percent"] == 0.2 and conditioning[0][1]["end_percent"] == 0.8
     assert "pooled_output" in conditioning[0][1]
+
+
+def test_an_empty_timestep_range_is_refused(env, clip, subject):
+    with pytest.raises(env.core("errors", "ConfigError"), match="must be below end_percent"):
+        inject(env, clip, subject, start_percent=0.6, end_percent=0.6)
 
 
 def test_missing_placeholder_is_a_clear_error_unless_appending(env, clip):
