@@ -57,7 +57,7 @@ class Arc2FaceEncoder(nn.Module):
         if not encoder_dir.is_dir():
             raise ModelFileMissingError(
                 f"Arc2Face encoder folder not found: {encoder_dir} (expected the 'encoder' folder of "
-                "FoivosPar/Arc2Face with config.json and model.safetensors)"
+                "FoivosPar/Arc2Face with config.json and pytorch_model.bin or model.safetensors)"
             )
         if (encoder_dir / "encoder").is_dir() and not (encoder_dir / "config.json").exists():
             encoder_dir = encoder_dir / "encoder"

@@ -69,13 +69,17 @@ def random_clip_text(spec: TinySpec, seed_offset: int = 0) -> ClipTextTransforme
     return model
 
 
-def write_clip_text_folder(model: ClipTextTransformer, folder: Union[str, Path]) -> Path:
-    """A transformers-4 style ``CLIPTextModel`` folder: ``config.json`` + ``text_model.*`` safetensors."""
+def write_clip_text_folder(model: ClipTextTransformer, folder: Union[str, Path], weights_name: str = "model.safetensors") -> Path:
+    """A transformers-4 style ``CLIPTextModel`` folder: ``config.json`` + ``text_model.*`` weights, as
+    ``model.safetensors`` or, as ``save_pretrained(safe_serialization=False)`` writes it, ``pytorch_model.bin``."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(model.config.to_hf_json(), encoding="utf-8")
     tensors = {f"text_model.{k}": v.contiguous() for k, v in model.state_dict().items()}
-    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    if weights_name.endswith(".safetensors"):
+        save_file(tensors, str(folder / weights_name), metadata={"format": "pt"})
+    else:
+        torch.save(tensors, folder / weights_name)
     return folder
 
 
@@ -141,9 +145,10 @@ def write_sd15_folder(spec: TinySpec, root: Union[str, Path]) -> Path:
 
 
 def write_arc2face_folder(spec: TinySpec, root: Union[str, Path], with_unet: bool = True) -> Path:
-    """FoivosPar/Arc2Face's layout: ``encoder/`` (CLIPTextModel) and ``arc2face/`` (UNet)."""
+    """FoivosPar/Arc2Face's layout: ``encoder/`` (CLIPTextModel, ``pytorch_model.bin`` as published) and
+    ``arc2face/`` (UNet, ``diffusion_pytorch_model.safetensors``)."""
     root = Path(root)
-    write_clip_text_folder(random_clip_text(spec, seed_offset=3), root / "encoder")
+    write_clip_text_folder(random_clip_text(spec, seed_offset=3), root / "encoder", "pytorch_model.bin")
     if with_unet:
         write_unet_folder(spec, root / "arc2face", seed_offset=4)
     return root

@@ -105,7 +105,7 @@ def load_clip_text_folder(folder: Path, multipliers: Optional[list[int]] = None)
     if not config_path.is_file():
         raise ModelFileMissingError(
             f"CLIP text encoder folder {folder} is missing config.json (expected the transformers "
-            "CLIPTextModel layout: config.json and model.safetensors)"
+            "CLIPTextModel layout: config.json and model.safetensors or pytorch_model.bin)"
         )
     config = read_clip_text_config(config_path)
     state = read_state_dict(find_weight_file(folder))

@@ -1,5 +1,6 @@
 """Our CLIP text transformer must equal transformers' CLIPTextModel on the same weights."""
 
+import pytest
 import torch
 from transformers import CLIPTextModel
 
@@ -8,9 +9,12 @@ from adaface_core.weights import load_clip_text_folder
 from adaface_core.tiny_models import TinySpec, random_clip_text, write_clip_text_folder
 
 
-def test_matches_transformers_clip_text_model(tmp_path):
+@pytest.mark.parametrize("weights_name", ["model.safetensors", "pytorch_model.bin"])
+def test_matches_transformers_clip_text_model(tmp_path, weights_name):
+    """Both files a CLIPTextModel folder ships with (Arc2Face's ``encoder/`` has ``pytorch_model.bin``)."""
     model = random_clip_text(TinySpec())
-    folder = write_clip_text_folder(model, tmp_path / "encoder")
+    folder = write_clip_text_folder(model, tmp_path / "encoder", weights_name)
+    assert sorted(p.name for p in folder.iterdir()) == sorted(["config.json", weights_name])
     reference = CLIPTextModel.from_pretrained(str(folder), local_files_only=True).eval()
     ours = load_clip_text_folder(folder).eval()
     ids = torch.tensor([[49406, 320, 1125, 539, 320, 2368, 49407] + [49407] * 70])

@@ -35,6 +35,7 @@ from adaface_core.convert import convert_official_checkpoint, main
 from adaface_core.errors import CheckpointError, UnsafePickleError
 from adaface_core.inverter import InverterConfig, PromptInverter, reference_template_ids
 from adaface_core.safe_unpickle import is_standin, load_torch_zip
+from helpers_pickles import Evil
 
 HIDDEN, LAYERS, HEADS, FFN, VOCAB = 64, 2, 4, 128, 49408
 MULTIPLIERS = [1, 2]
@@ -292,16 +293,6 @@ def direct_inverter(generator, heads=HEADS):
     inverter.clip.load_state_dict({k: v.float() for k, v in state.items()})
     inverter.hidden_state_layer_weights.data = generator.hidden_state_layer_weights.detach().reshape(-1).float()
     return inverter.eval()
-
-
-class Evil:
-    """Pickles as a call to ``func(*args)``: what torch.load(weights_only=False) would run."""
-
-    def __init__(self, func, *args):
-        self.func, self.args = func, args
-
-    def __reduce__(self):
-        return self.func, self.args
 
 
 @pytest.fixture(scope="module")

@@ -199,6 +199,23 @@ def test_a_configuration_larger_than_the_weights_is_refused_before_allocating(tm
         load_inverter(path)
 
 
+def test_code_in_the_encoders_pytorch_model_bin_is_refused_and_never_run(tmp_path, tiny_models):
+    """Arc2Face's ``encoder/`` ships a pickle (``pytorch_model.bin``): it is read as plain tensors only."""
+    import builtins
+    import shutil
+
+    from helpers_pickles import Evil
+
+    folder = shutil.copytree(tiny_models.encoder, tmp_path / "encoder")
+    assert (folder / "pytorch_model.bin").is_file()
+    marker = tmp_path / "pwned"
+    state = torch.load(folder / "pytorch_model.bin", weights_only=True)
+    torch.save(state | {"payload": Evil(builtins.open, str(marker), "w")}, folder / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match=r"cannot read weights from .*pytorch_model.bin"):
+        Arc2FaceEncoder.from_folder(folder, load_clip_tokenizer(tiny_models.tokenizer))
+    assert not marker.exists()
+
+
 def test_a_corrupt_encoder_config_names_the_file(tmp_path, tiny_models):
     import shutil
 
