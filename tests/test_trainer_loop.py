@@ -14,6 +14,7 @@ from trainer import checkpointing
 from trainer.config import OptimConfig, config_from_dict
 from trainer.loop import SimulatedCrash, Trainer, build_lr_scheduler, build_optimizer, heldout_loss, lr_factor
 from trainer.models import build_models
+from trainer.optimizer_expansion import tile_rows
 from trainer.run import main
 from trainer.stages import build_face_stage
 
@@ -124,7 +125,13 @@ def test_an_expansion_keeps_the_optimizer_state_of_the_parameters_that_survive(m
     new = trainer.optimizer
     assert new.state[kept] is old.state[kept]  # moments and Prodigy's running sums of untouched weights
     grown = trainer.inverter.clip.encoder.layers[0].self_attn.k_proj.weight
-    assert grown is not replaced and grown not in new.state  # the grown projection starts fresh
+    assert grown is not replaced
+    # the grown projection takes the old state tiled like its weights, moments scaled to each copy's gradient share
+    before, after = old.state[replaced], new.state[grown]
+    assert after["step"] == before["step"]
+    for key, power in (("p0", 0), ("s", 1), ("exp_avg", 1), ("exp_avg_sq", 2)):
+        expected = tile_rows(before[key].view(replaced.shape), 2).flatten() / 2**power
+        assert torch.allclose(after[key].flatten(), expected), key
     for key in ("d", "d_max", "d_numerator", "k"):
         assert new.param_groups[0][key] == old.param_groups[0][key], key
     trainer.train_step()  # and it trains on

@@ -31,6 +31,7 @@ from .config import OptimConfig, StageConfig
 from .expansion import ExpansionSchedule
 from .logs import TrainLogger
 from .models import Models
+from .optimizer_expansion import Replacements, carry_optimizer_state, replaced_parameters
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +63,10 @@ class StageResult:
     """Held-out figures before/after the stage (stages with ``evaluate``, i.e. stage 2)."""
 
 
-def build_optimizer(params: list[torch.nn.Parameter], config: OptimConfig, previous: Optional[torch.optim.Optimizer] = None):
+def build_optimizer(params: list[torch.nn.Parameter], config: OptimConfig, previous: Optional[torch.optim.Optimizer] = None,
+                    replaced: Optional[Replacements] = None):
+    """A new optimizer; after an expansion, ``previous``'s state carried over (``replaced``: old -> new
+    parameter for the grown projections)."""
     if config.optimizer == "prodigy":
         from prodigyopt import Prodigy
 
@@ -76,25 +80,8 @@ def build_optimizer(params: list[torch.nn.Parameter], config: OptimConfig, previ
     else:
         raise ConfigError(f"unknown optimizer {config.optimizer!r} (prodigy or adamw)")
     if previous is not None:
-        carry_optimizer_state(previous, optimizer)
+        carry_optimizer_state(previous, optimizer, replaced)
     return optimizer
-
-
-PRODIGY_GROUP_STATE = ("d", "d_max", "d_numerator", "k")
-"""Prodigy's learned step size and its running sums live in the param group, not per parameter."""
-
-
-def carry_optimizer_state(old: torch.optim.Optimizer, new: torch.optim.Optimizer) -> None:
-    """After an expansion: parameters that survived keep their moments (and Prodigy its step-size
-    estimate); only the replaced key/value projections start fresh."""
-    for group in new.param_groups:
-        for param in group["params"]:
-            if param in old.state:
-                new.state[param] = old.state[param]
-    for new_group, old_group in zip(new.param_groups, old.param_groups):
-        for key in PRODIGY_GROUP_STATE:
-            if key in old_group and key in new_group:
-                new_group[key] = old_group[key]
 
 
 def lr_factor(config: OptimConfig, max_steps: int, step: int) -> float:
@@ -207,10 +194,12 @@ class Trainer:
                                self.generator, self.keep_last, self.metadata)
 
     def _expand(self, factors: list[int]) -> None:
+        before = dict(self.inverter.named_parameters())
         self.expansion.apply(self.inverter, factors, self.step)
         self.inverter.to(self.models.device)
-        old = self.optimizer
-        self.optimizer = build_optimizer(trainable_parameters(self.inverter), self.config.optim, previous=old)
+        replaced = replaced_parameters(before, dict(self.inverter.named_parameters()))
+        self.optimizer = build_optimizer(trainable_parameters(self.inverter), self.config.optim, previous=self.optimizer,
+                                         replaced=replaced)
         self.lr_scheduler = build_lr_scheduler(self.optimizer, self.config.optim, self.config.max_steps, self.step)
 
     def check_replicas(self) -> None:
