@@ -23,6 +23,7 @@ from trainer.losses_composition import (
     delta_alignment_loss,
     elastic_face_preserving_loss,
     orthogonal_delta,
+    prompt_delta_weights,
 )
 
 D = torch.float64  # literal references are compared tightly
@@ -56,6 +57,82 @@ def ref_delta_loss(ss, sc, cs, cc) -> float:
         dc = ref_delta(cc[i].tolist(), cs[i].tolist())
         cosines.append(_cos(ds, dc))
     return 1.0 - sum(cosines) / len(cosines)
+
+
+BOS, EOS = 49406, 49407  # SD1.5's CLIP tokenizer; its padding is EOS too
+
+
+def ref_prompt_weights(single_ids: list, comp_ids: list) -> list:
+    """Literal reading of the reference (AdaFace-dev): ``embedding_manager.update_prompt_masks`` (mask = not BOS
+    and not EOS/padding), then ``util.calc_prompt_emb_delta_loss`` (mask[0] = 0; (m_single + m_comp)^2 / 4)."""
+    def mask(ids):
+        return [0.0 if i == 0 or t in (BOS, EOS) else 1.0 for i, t in enumerate(ids)]
+    return [(a + b) ** 2 / 4 for a, b in zip(mask(single_ids), mask(comp_ids))]
+
+
+def _cos_or_zero(a, b) -> float:
+    """Cosine, 0 where a vector is 0 (Δ at the prefix tokens; torch's eps does the same)."""
+    n = _norm(a) * _norm(b)
+    return _dot(a, b) / n if n > 1e-6 else 0.0
+
+
+def ref_weighted_delta_loss(ss, sc, cs, cc, w) -> float:
+    """The reference's reduction (``util.calc_ref_cosine_loss``): per sample sum(w (1 - cos)) / sum(w), mean over B."""
+    per_sample = []
+    for b in range(ss.shape[0]):
+        terms = [(w[b, k].item(), 1.0 - _cos_or_zero(ref_delta(sc[b, k].tolist(), ss[b, k].tolist()),
+                                              ref_delta(cc[b, k].tolist(), cs[b, k].tolist())))
+                 for k in range(ss.shape[1]) if w[b, k] > 0]
+        per_sample.append(sum(wk * lk for wk, lk in terms) / sum(wk for wk, _ in terms))
+    return sum(per_sample) / len(per_sample)
+
+
+# "a photo of" / "a photo of riding a horse" (ids of the real vocabulary), padded to 9 positions.
+SINGLE_IDS = [BOS, 320, 1125, 539, EOS, EOS, EOS, EOS, EOS]
+COMP_IDS = [BOS, 320, 1125, 539, 6765, 320, 4558, EOS, EOS]
+
+
+def _prompt_quad(seed: int):
+    """Prompt embeddings ``[2, 9, 5]`` as a causal encoder makes them: single and composition prompts agree up to
+    the composition's first word (so Δ = 0 on BOS and 'a photo of')."""
+    ss, sc, cs, cc = _quad((2, len(SINGLE_IDS), 5), seed)
+    sc[:, :4], cc[:, :4] = ss[:, :4], cs[:, :4]
+    return [ss, sc, cs, cc]
+
+
+def _ref_example_weights() -> torch.Tensor:
+    return prompt_delta_weights(torch.tensor([SINGLE_IDS] * 2), torch.tensor([COMP_IDS] * 2), [BOS, EOS])
+
+
+def test_prompt_delta_weights_follow_the_reference():
+    """BOS 0, single-prompt tokens 1, composition-only tokens (the single prompt's EOS position included) 1/4,
+    padding 0, as the reference's mask."""
+    w = _ref_example_weights()
+    assert w[0].tolist() == [0.0, 1.0, 1.0, 1.0, 0.25, 0.25, 0.25, 0.0, 0.0]
+    assert w[0].tolist() == ref_prompt_weights(SINGLE_IDS, COMP_IDS)
+
+
+def test_weighted_prompt_delta_matches_the_reference_reduction():
+    q = _prompt_quad(seed=11)
+    w = _ref_example_weights()
+    w[1, 5] = 0.0  # samples' weights differ: each is its own weighted mean
+    assert delta_alignment_loss(*q, w).item() == pytest.approx(ref_weighted_delta_loss(*q, w), abs=1e-10)
+    typed = compositional_delta_loss({"prompt": [(*q, w)]})["delta_prompt"]
+    assert typed.item() == pytest.approx(delta_alignment_loss(*q, w).item(), abs=1e-12)
+
+
+def test_padding_and_bos_do_not_move_the_weighted_prompt_delta():
+    """Padding fills most of the 77 positions: unweighted it dominates the mean; weighted it has no say."""
+    q = _prompt_quad(seed=12)
+    w = _ref_example_weights()
+    moved = [t.clone() for t in q]
+    moved[1][:, 7:] = torch.randn(2, 2, 5, dtype=D)  # padding of the subject-composition prompt
+    moved[0][:, 0] = moved[1][:, 0] = torch.randn(2, 5, dtype=D)  # BOS
+    assert delta_alignment_loss(*moved, w).item() == pytest.approx(delta_alignment_loss(*q, w).item(), abs=1e-12)
+    assert abs(delta_alignment_loss(*moved).item() - delta_alignment_loss(*q).item()) > 1e-3
+    word = [t.clone() for t in q]
+    word[1][:, 5] = torch.randn(2, 5, dtype=D)  # a composition word does count
+    assert abs(delta_alignment_loss(*word, w).item() - delta_alignment_loss(*q, w).item()) > 1e-3
 
 
 def ref_face_loss(qs, qc, fs, fc, mask) -> float:

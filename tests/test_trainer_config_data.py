@@ -22,6 +22,7 @@ def test_paper_config_loads_with_the_paper_settings():
     assert face.max_steps == 240000
     assert (face.optim.optimizer, face.optim.d_coef, face.optim.batch_size, face.optim.grad_accum) == ("prodigy", 2.0, 4, 2)
     assert config.data.random_id_prob == 0.4
+    assert face.optim.max_grad_norm == 0.5  # the reference's v1-finetune-ada.yaml grad_clip
     assert face.loss.cfg_prob == 0.6 and face.loss.cfg_scale == (1.5, 2.5) and face.loss.first_t == (0.7, 0.9)
     final = np.prod(np.array(face.expansion.factors), axis=0).tolist()
     assert len(face.expansion.factors) == 2 and final == [8, 8, 8] + [4] * 9
@@ -37,6 +38,7 @@ def test_stage2_takes_its_own_paper_defaults_and_the_paper_config_pins_them():
     paper = load_config(REPO / "trainer" / "configs" / "paper_both.yaml").validate(check_paths=False)
     o = paper.composition.optim
     assert (paper.composition.max_steps, o.optimizer, o.d_coef, o.batch_size, o.grad_accum) == (120000, "prodigy", 0.5, 3, 2)
+    assert o.max_grad_norm == paper.face.optim.max_grad_norm == stage2.optim.max_grad_norm == 0.5  # reference grad_clip
     assert paper.run.gradient_checkpointing and paper.run.mixed_precision == "bf16"
 
 

@@ -150,16 +150,27 @@ def test_class_word_comes_from_the_subjects_class_txt(tmp_path):
         assert quad.class_single == f"a photo of a {word or 'person'}"
 
 
+def _tokenizing_models(tiny_models) -> SimpleNamespace:
+    """The part of ``Models`` that turns prompts into ids, on the real CLIP vocabulary."""
+    models = SimpleNamespace(tokenizer=load_clip_tokenizer(tiny_models.tokenizer), device="cpu")
+    models.prompt_ids = lambda prompts: Models.prompt_ids(models, prompts)
+    models.placeholder_id = lambda word: Models.placeholder_id(models, word)
+    return models
+
+
+def _bare_stage() -> CompositionStage:
+    """A stage with only its placeholder: enough for its token bookkeeping."""
+    stage = CompositionStage.__new__(CompositionStage)
+    stage.placeholder = "z"
+    return stage
+
+
 def test_each_sample_aligns_its_own_class_word(tiny_models):
     """With class words of different token lengths in one batch, the aligned positions still pair the
     template, composition words and padding of the subject and class prompts, sample by sample."""
-    tokenizer = load_clip_tokenizer(tiny_models.tokenizer)
-    models = SimpleNamespace(tokenizer=tokenizer, device="cpu")
-    models.prompt_ids = lambda prompts: Models.prompt_ids(models, prompts)
-    models.placeholder_id = lambda word: Models.placeholder_id(models, word)
+    models = _tokenizing_models(tiny_models)
     quads = [build_prompts("riding a horse on the beach", "woman"), build_prompts("riding a horse on the beach", "old bearded man")]
-    stage = CompositionStage.__new__(CompositionStage)
-    stage.placeholder = "z"
+    stage = _bare_stage()
     n = 16
     index = stage.token_index(models, quads, subject_len=n)
     assert index.shape[:2] == (2, 4)
@@ -174,3 +185,63 @@ def test_each_sample_aligns_its_own_class_word(tiny_models):
         class_side = class_ids[index[b, 3]]
         assert torch.equal(subject_side, class_side)
         assert not (subject_side == -1).any()
+
+
+def _reference_mask(ids: list, special: set) -> list:
+    """The reference's prompt mask (AdaFace-dev ``embedding_manager.update_prompt_masks``, then BOS zeroed)."""
+    return [0.0 if i == 0 or t in special else 1.0 for i, t in enumerate(ids)]
+
+
+def test_prompt_weights_follow_the_reference_masks_of_the_subject_prompts(tiny_models):
+    """The stage reads the weights off the class prompts; at the aligned positions they must be the reference's
+    ``(m_subj_single + m_subj_comp)^2 / 4`` of the spliced subject prompts: BOS 0, template 1, composition 1/4,
+    EOS/padding 0."""
+    models = _tokenizing_models(tiny_models)
+    quads = [build_prompts("riding a horse on the beach", "woman"), build_prompts("in the forest", "old bearded man")]
+    stage = _bare_stage()
+    n = 16
+    index = stage.token_index(models, quads, subject_len=n)
+    weights = stage.prompt_weights(models, quads, index)
+    assert weights.shape == index[:, 0].shape
+
+    z = models.placeholder_id("z")
+    tokenizer = models.tokenizer
+    special = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}
+    assert special == {49406, 49407}  # the ids the reference hard-codes
+    for b, quad in enumerate(quads):
+        masks = []
+        for prompt in (quad.subject_single, quad.subject_comp):
+            ids = models.prompt_ids([prompt])[0].tolist()
+            at = ids.index(z)
+            masks.append(torch.tensor(_reference_mask((ids[:at] + [z] * n + ids[at + 1:])[:77], special)))
+        expect = (masks[0][index[b, 0]] + masks[1][index[b, 1]]).pow(2) / 4
+        assert torch.equal(weights[b], expect)
+        n_comp = len(tokenizer(quad.composition, add_special_tokens=False)["input_ids"])
+        assert weights[b].tolist()[:4] == [0.0, 1.0, 1.0, 1.0] and weights[b].tolist().count(0.25) == n_comp
+        assert weights[b].sum() == 3 + 0.25 * n_comp  # EOS and the padding weigh nothing
+
+
+def test_composition_step_weighs_prompt_positions(tiny_models):
+    """Through the whole step: with the weights, the prompt embeddings' padding does not move ``delta_prompt``."""
+    from diffusers import UNet2DConditionModel
+
+    from trainer.compositions import aligned_token_index
+    from trainer.losses_composition import CompositionLossWeights, composition_step
+
+    unet = UNet2DConditionModel.from_pretrained(str(tiny_models.sd15 / "unet")).requires_grad_(False).eval()
+    g = torch.Generator().manual_seed(0)
+    tokens, dim = 12, unet.config.cross_attention_dim
+    embeds = torch.randn(4, tokens, dim, generator=g)
+    index = aligned_token_index(4, 3, 2, seq_len=tokens)  # K = 9 aligned positions
+    weights = torch.tensor([[0.0, 1, 1, 1, 0.25, 0.25, 0, 0, 0]])
+    prompt_only = CompositionLossWeights(delta_attn_out=0.0, delta_attn_map=0.0, face_preserve=0.0)
+
+    def delta_prompt(e, w):
+        return composition_step(unet, torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(1)),
+                                torch.tensor(500), e, None, "up_blocks.3", prompt_only, index,
+                                prompt_weights=w)["delta_prompt"].item()
+
+    moved = embeds.clone()
+    moved[1, index[1, 6:]] += torch.randn(3, dim, generator=g)  # the subject-composition prompt's padding
+    assert delta_prompt(moved, weights) == pytest.approx(delta_prompt(embeds, weights), abs=1e-6)
+    assert abs(delta_prompt(moved, None) - delta_prompt(embeds, None)) > 1e-3

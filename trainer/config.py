@@ -107,7 +107,9 @@ class OptimConfig:
     lr_decay_start: int = 500
     lr_final_factor: float = 1.0 / 11.0
     """The reference's PolynomialLR over 1.1 x the decay span ends at 1 - 1/1.1 = 1/11 of the LR."""
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = 0.5
+    """Global-norm clip at each optimizer step; 0.5 as in the reference code's paper runs (adaface-neurips/adaface
+    ``configs/stable-diffusion/v1-finetune-ada.yaml`` ``grad_clip``, both stages; also ``v1-distill-arc2face-ada.yaml``)."""
 
 
 @dataclass

@@ -11,6 +11,8 @@ Reading of the equations, as implemented here:
 - Delta loss (eq. 4): ``L_Δ = Σ_i w_i (1 − mean cos(Δ_i(subject), Δ_i(class)))``; the cosine is per
   feature vector (last axis) and the mean runs over batch, positions and captured layers (the
   expectation over compositions is the mean over the batch). The class branch is the teacher: detached.
+  The prompt-embedding term weighs its token positions as the reference code does
+  (``prompt_delta_weights``): a per-sample weighted mean, then the mean over the batch.
 - Elastic face-preserving loss (eq. 7-8): ``CA = softmax(Q_single Q_comp^T)`` unscaled (footnote 2),
   softmax over subject-composition pixels; ``warped = CA @ f(comp)`` ("⊙" read as the matrix product,
   as the text says); loss = mean over face-mask pixels of ``1 − cos(warped, f(single))``, averaged over
@@ -39,17 +41,46 @@ def orthogonal_delta(f_comp: torch.Tensor, f_single: torch.Tensor, eps: float = 
     return f_comp - (f_comp * unit).sum(dim=-1, keepdim=True) * unit
 
 
+def prompt_delta_weights(single_ids: torch.Tensor, comp_ids: torch.Tensor, special_ids: Sequence[int]) -> torch.Tensor:
+    """Weights of the prompt-embedding delta per aligned position, ``[B, K]`` from two ``[B, K]`` id tensors.
+
+    The reference code's scheme (AdaFace-dev ``ldm/util.py`` ``calc_prompt_emb_delta_loss``):
+    ``((m_single + m_comp) / 2)²`` with ``m`` = 1 on a word token and 0 on BOS, EOS and padding
+    (``embedding_manager.py`` ``update_prompt_masks``). A token of the single prompt (so of both) weighs 1,
+    a composition-only token 1/4, BOS/EOS/padding 0: the padding after EOS, most of the 77 positions,
+    would otherwise outweigh the composition words, where the deltas live.
+    """
+    special = torch.tensor(sorted(set(special_ids)), dtype=single_ids.dtype)
+    words = (~torch.isin(single_ids, special)).float() + (~torch.isin(comp_ids, special)).float()
+    return words.pow(2) / 4
+
+
+def _weighted_mean_per_sample(values: torch.Tensor, weights: torch.Tensor, eps: float = EPS) -> torch.Tensor:
+    """Mean over the batch of each sample's ``weights``-weighted mean (the reference's reduction); a sample
+    whose weights are all 0 contributes 0."""
+    w = weights.to(values).expand_as(values).flatten(1)
+    return ((values.flatten(1) * w).sum(1) / w.sum(1).clamp_min(eps)).mean()
+
+
 def delta_alignment_loss(
     subj_single: torch.Tensor,
     subj_comp: torch.Tensor,
     cls_single: torch.Tensor,
     cls_comp: torch.Tensor,
+    weights: Optional[torch.Tensor] = None,
     eps: float = EPS,
 ) -> torch.Tensor:
-    """``1 − mean cos(Δ(subject), Δ(class))`` for one feature type; the class deltas carry no gradient."""
+    """``1 − mean cos(Δ(subject), Δ(class))`` for one feature type; the class deltas carry no gradient.
+
+    ``weights`` (broadcastable to the cosines, batch first; e.g. ``prompt_delta_weights``) makes the mean a
+    per-sample weighted one; None weighs every vector alike.
+    """
     d_subj = orthogonal_delta(subj_comp, subj_single, eps)
     d_cls = orthogonal_delta(cls_comp.detach(), cls_single.detach(), eps)
-    return 1.0 - F.cosine_similarity(d_subj, d_cls, dim=-1, eps=eps).mean()
+    cos = F.cosine_similarity(d_subj, d_cls, dim=-1, eps=eps)
+    if weights is None:
+        return 1.0 - cos.mean()
+    return _weighted_mean_per_sample(1.0 - cos, weights, eps)
 
 
 def compositional_delta_loss(
@@ -59,7 +90,8 @@ def compositional_delta_loss(
     """L_Δ over feature types.
 
     ``features[type]`` is a list (one entry per layer, or a single entry) of 4-tuples
-    ``(subj_single, subj_comp, cls_single, cls_comp)``. Per type the loss is averaged over layers;
+    ``(subj_single, subj_comp, cls_single, cls_comp)``, or 5-tuples ending with the positions' weights
+    (``delta_alignment_loss``). Per type the loss is averaged over layers;
     the total is the weighted sum over types. Returns ``{"delta_<type>": ..., "delta": total}``.
     """
     out: dict[str, torch.Tensor] = {}
@@ -178,6 +210,7 @@ def composition_step(
     weights: CompositionLossWeights = CompositionLossWeights(),
     token_index: Optional[torch.Tensor] = None,
     unet_kwargs: Optional[dict] = None,
+    prompt_weights: Optional[torch.Tensor] = None,
 ) -> dict[str, torch.Tensor]:
     """One batched UNet pass over the four prompt instances, returning the composition losses.
 
@@ -190,6 +223,8 @@ def composition_step(
       four prompts (``trainer.compositions.aligned_token_index``), or ``[B, 4, K]`` when the samples' class
       words differ in length; used for the attention maps' token axis and the prompt embeddings'
       sequence axis. None compares all positions as they are.
+    - ``prompt_weights`` ``[B, K]``: weights of the prompt embeddings' aligned positions
+      (``prompt_delta_weights``); None weighs them alike.
     Returns ``{"delta_attn_out", "delta_attn_map", "delta_prompt", "delta", "face_preserve", "loss"}``
     (terms with weight 0 are absent).
 
@@ -223,5 +258,6 @@ def composition_step(
             mask = resize_mask(face_masks.to(out[0].device), out[0].shape[1])
             face.append((q[0], q[1], out[0], out[1], mask))
     if weights.delta_prompt != 0.0:
-        delta["prompt"].append(_align_tokens(_split4(prompt_embeds), token_index, dim=1))
+        aligned = _align_tokens(_split4(prompt_embeds), token_index, dim=1)
+        delta["prompt"].append(aligned if prompt_weights is None else (*aligned, prompt_weights))
     return combine_composition_losses(delta, face, weights)

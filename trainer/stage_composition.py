@@ -32,7 +32,7 @@ from .config import StageConfig, TrainConfig, section_from_mapping
 from .face_masks import attach_detector_masks
 from .face_space import FaceBatch, FaceSpace
 from .loop import heldout_loss, precision_context
-from .losses_composition import CompositionLossWeights, composition_step
+from .losses_composition import CompositionLossWeights, composition_step, prompt_delta_weights
 from .losses_face import FaceDistillationLoss, FaceStage
 from .models import Models
 from .prompt_cache import FrozenPromptCache
@@ -70,6 +70,13 @@ class CompositionSettings:
     @property
     def layers(self) -> Union[str, list[str]]:
         return "all" if self.capture_layers == ["all"] else self.capture_layers
+
+
+def special_token_ids(tokenizer) -> list[int]:
+    """BOS, EOS and padding ids (SD1.5's CLIP tokenizer: 49406, 49407, 49407), the tokens the reference's
+    prompt-delta mask leaves out."""
+    ids = (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    return sorted({i for i in ids if i is not None})
 
 
 def composition_settings(stage_config: StageConfig) -> CompositionSettings:
@@ -154,6 +161,13 @@ class CompositionStage:
         k = min(row.shape[1] for row in rows)
         return torch.stack([row[:, :k] for row in rows])
 
+    def prompt_weights(self, models: Models, quads: list[PromptQuad], token_index: torch.Tensor) -> torch.Tensor:
+        """``[B, K]`` weights of the prompt-embedding delta at the aligned positions (``prompt_delta_weights``),
+        read off the class prompts' ids: at those positions they equal the subject prompts' ids."""
+        single, comp = models.prompt_ids([q.class_single for q in quads] + [q.class_comp for q in quads]).chunk(2)
+        return prompt_delta_weights(single.gather(1, token_index[:, 2]), comp.gather(1, token_index[:, 3]),
+                                    special_token_ids(models.tokenizer))
+
     @torch.no_grad()
     def start_latents(self, models: Models, batch: CompositionBatch, teacher_ctx: torch.Tensor,
                       timesteps: torch.Tensor):
@@ -175,9 +189,11 @@ class CompositionStage:
         subject_embeds = models.encode_with_subject([q.subject_single for q in quads] + [q.subject_comp for q in quads],
                                                     self.placeholder, torch.cat([subject, subject]))
         prompt_embeds = torch.cat([subject_embeds, class_embeds.to(subject_embeds)]).to(dtype)
-        token_index = host_to_device(self.token_index(models, quads, subject.shape[1]), device)
+        host_index = self.token_index(models, quads, subject.shape[1])
+        prompt_weights = host_to_device(self.prompt_weights(models, quads, host_index), device)
         out = composition_step(models.unet, x_t.to(dtype), timesteps, prompt_embeds, masks,
-                               self.settings.layers, self.weights, token_index)
+                               self.settings.layers, self.weights, host_to_device(host_index, device),
+                               prompt_weights=prompt_weights)
         return out["loss"].float(), {k: v.detach() for k, v in out.items() if k != "loss"}
 
     def evaluate(self, models: Models) -> dict[str, float]:
