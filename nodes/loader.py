@@ -46,6 +46,19 @@ def onnx_provider(choice: str, torch_device: torch.device) -> str:
     return PROVIDERS.get(choice, choice)
 
 
+def cpu_fallback_warning(choice: str, torch_device: torch.device, active: list[str]) -> str | None:
+    """What to tell a user whose ComfyUI runs on a GPU while ``auto`` left face analysis on the CPU.
+
+    Why: a reinstall of the requirements (ComfyUI-Manager's updates) can put the CPU build of
+    onnxruntime over ``onnxruntime-gpu``; faces then still work, only slower, and nothing else says so.
+    """
+    if choice != "auto" or torch_device.type == "cpu" or active[:1] != ["CPUExecutionProvider"]:
+        return None
+    return (f"ComfyUI runs on {torch_device.type} but face detection runs on the CPU: this onnxruntime offers no GPU "
+            "provider. For GPU face analysis install onnxruntime-gpu (CUDA) or onnxruntime-rocm after this pack's "
+            "requirements, which pull the CPU build")
+
+
 class AdaFaceLoader:
     DESCRIPTION = (
         "Loads the AdaFace models: an inverter from models/adaface, Arc2Face's encoder from models/arc2face "
@@ -104,6 +117,9 @@ class AdaFaceLoader:
         arc2face_dir = folders.arc2face_folder(arc2face)
         load_device = model_management.get_torch_device()
         faces = FaceAnalyzer.from_folder(folders.face_pack_folder(face_models), provider=onnx_provider(provider, load_device))
+        warning = cpu_fallback_warning(provider, load_device, faces.providers)
+        if warning:
+            logger.warning(warning)
         offload_device = model_management.unet_offload_device()
         dtype = torch.float16 if model_management.should_use_fp16(load_device) else torch.float32
         subjects = SubjectEncoder.from_paths(

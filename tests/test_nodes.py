@@ -140,6 +140,16 @@ def test_auto_face_provider_follows_comfyuis_device(env):
     assert onnx_provider("CUDA", torch.device("cpu")) == "cuda"  # an explicit choice is kept
 
 
+def test_a_gpu_comfyui_with_cpu_face_analysis_is_told_why(env):
+    """A reinstall can put onnxruntime's CPU build over onnxruntime-gpu: faces still work, so say it."""
+    warning = env.module("nodes.loader").cpu_fallback_warning
+    cpu_only = ["CPUExecutionProvider"]
+    assert "install onnxruntime-gpu" in warning("auto", torch.device("cuda", 0), cpu_only)
+    assert warning("auto", torch.device("cpu"), cpu_only) is None  # python main.py --cpu
+    assert warning("CPU", torch.device("cuda", 0), cpu_only) is None  # the user's own choice
+    assert warning("auto", torch.device("cuda", 0), ["CUDAExecutionProvider", "CPUExecutionProvider"]) is None
+
+
 def test_registration_keeps_extra_model_paths_entries(tiny_models, tmp_path):
     extra = str(tmp_path / "shared" / "adaface")
 
