@@ -116,7 +116,7 @@ def model_files_state(inverter: str, arc2face: str, face_models: str) -> str:
     """
     parts = []
     for find, value, folders_within in ((inverter_path, inverter, ()), (arc2face_folder, arc2face, ("encoder", "arc2face")),
-                                         (face_pack_folder, face_models, (".",))):
+                                         (face_pack_folder, face_models, ("",))):
         try:
             found = find(value)
         except ModelFileMissingError:
