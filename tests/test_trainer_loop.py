@@ -1,5 +1,6 @@
 """Stage-1 training loop on tiny models: learning, expansion, exact resume, crash safety."""
 
+import copy
 import shutil
 from pathlib import Path
 
@@ -10,9 +11,11 @@ import yaml
 from accelerate import Accelerator
 
 from adaface_core.checkpoint import load_inverter
+from adaface_core.errors import ConfigError
 from trainer import checkpointing
 from trainer.config import OptimConfig, config_from_dict
-from trainer.loop import SimulatedCrash, Trainer, build_lr_scheduler, build_optimizer, heldout_loss, lr_factor
+from trainer.loop import (SimulatedCrash, Trainer, build_lr_scheduler, build_optimizer, heldout_loss, lr_factor,
+                          restore_optimizer)
 from trainer.models import build_models
 from trainer.optimizer_expansion import tile_rows
 from trainer.run import main
@@ -277,3 +280,51 @@ def test_trainer_state_loads_with_weights_only(models_root, tmp_path):
     assert state["step"] == 3 and "d" in state["optimizer"]["param_groups"][0]
     rng = torch.load(step / "rng_rank0.pt", weights_only=True)
     assert {"python", "numpy", "torch", "generator"} <= set(rng)
+
+
+def test_a_fresh_run_over_an_earlier_one_is_refused_and_loses_nothing(models_root, tmp_path):
+    """Starting afresh in a used folder (or after a mistyped --resume) would cut the earlier run's log and
+    overwrite its inverter: it is refused unless --overwrite says to start over."""
+    config = write_config(tmp_path / "c.yaml", make_config(models_root, tmp_path / "out", max_steps=3,
+                                                             expansion={"enabled": False}))
+    run_cli(config)
+    stage_dir = tmp_path / "out" / "face"
+    log, final = (stage_dir / "losses.csv").read_text(), weights(stage_dir / "adaface_inverter.safetensors")
+    with pytest.raises(ConfigError, match="holds an earlier run .*--resume .*--overwrite"):
+        run_cli(config)
+    with pytest.raises(ConfigError, match="no such folder"):
+        run_cli(config, "--resume", str(tmp_path / "out_typo"))
+    assert (stage_dir / "losses.csv").read_text() == log
+    assert_same_weights(final, weights(stage_dir / "adaface_inverter.safetensors"), atol=0)
+    run_cli(config, "--overwrite", "--max-steps", "2")
+    assert max(step for step, _ in checkpointing.list_checkpoints(stage_dir / "checkpoints")) == 2
+    assert len((stage_dir / "losses.csv").read_text().splitlines()) == 3  # header + the new run's 2 steps
+
+
+def test_a_resume_takes_the_optimizer_settings_now_in_force():
+    """The checkpoint gives the moments and Prodigy's learned step size; the config gives LR, d_coef and the rest."""
+    param = torch.nn.Parameter(torch.ones(4))
+    old = build_optimizer([param], OptimConfig(optimizer="adamw", lr=1e-3))
+    build_lr_scheduler(old, OptimConfig(optimizer="adamw", lr=1e-3), 10, 0)
+    param.grad = torch.ones(4)
+    old.step()
+    new = build_optimizer([param], OptimConfig(optimizer="adamw", lr=1e-5))
+    restore_optimizer(new, copy.deepcopy(old.state_dict()), "adamw")
+    build_lr_scheduler(new, OptimConfig(optimizer="adamw", lr=1e-5, lr_schedule="constant"), 10, 1)
+    assert new.param_groups[0]["lr"] == pytest.approx(1e-5)
+    assert torch.equal(new.state[param]["exp_avg"], old.state[param]["exp_avg"])
+
+    prodigy = build_optimizer([param], OptimConfig(d_coef=2.0))
+    prodigy.step()
+    again = build_optimizer([param], OptimConfig(d_coef=0.5))
+    restore_optimizer(again, copy.deepcopy(prodigy.state_dict()), "prodigy")
+    assert again.param_groups[0]["d_coef"] == 0.5 and again.param_groups[0]["d"] == prodigy.param_groups[0]["d"]
+    with pytest.raises(ConfigError, match="holds prodigy optimizer state but the config asks for adamw"):
+        restore_optimizer(build_optimizer([param], OptimConfig(optimizer="adamw")), prodigy.state_dict(), "adamw")
+
+
+def test_a_zero_save_interval_is_a_config_error(models_root, tmp_path):
+    values = make_config(models_root, tmp_path / "out")
+    values["run"]["save_every"] = 0
+    with pytest.raises(ConfigError, match="run.save_every and run.log_every must be >= 1"):
+        config_from_dict(values).validate(check_paths=False)

@@ -204,6 +204,9 @@ class TrainConfig:
             problems.append("data.photo_cache_gb must be >= 0")
         if self.data.image_size % 8:
             problems.append("data.image_size must be a multiple of 8 (the VAE's downsampling)")
+        if self.run.save_every < 1 or self.run.keep_last < 0 or self.run.log_every < 1:
+            problems.append("run.save_every and run.log_every must be >= 1 and run.keep_last >= 0, got "
+                            f"{self.run.save_every}, {self.run.log_every} and {self.run.keep_last}")
         if self.run.mixed_precision not in ("no", "bf16"):
             problems.append(f"run.mixed_precision must be 'no' or 'bf16', got {self.run.mixed_precision!r} "
                             "(fp16 would need loss scaling; use bf16)")

@@ -78,7 +78,8 @@ class TrainLogger:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._writer = SummaryWriter(str(stage_dir / "tensorboard"))
+                # purge_step: a resume redoes the steps after its checkpoint; their old points are dropped
+                self._writer = SummaryWriter(str(stage_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None)
             except Exception:  # tensorboard not installed: optional
                 logger.info("TensorBoard not installed; losses go to %s only", self.csv_path)
         if show_progress:

@@ -31,7 +31,7 @@ from .config import OptimConfig, StageConfig
 from .expansion import ExpansionSchedule
 from .logs import TrainLogger
 from .models import Models
-from .optimizer_expansion import Replacements, carry_optimizer_state, replaced_parameters
+from .optimizer_expansion import PRODIGY_GROUP_STATE, Replacements, carry_optimizer_state, replaced_parameters
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +82,25 @@ def build_optimizer(params: list[torch.nn.Parameter], config: OptimConfig, previ
     if previous is not None:
         carry_optimizer_state(previous, optimizer, replaced)
     return optimizer
+
+
+def restore_optimizer(optimizer: torch.optim.Optimizer, saved: dict[str, Any], optimizer_name: str) -> None:
+    """Loads a checkpoint's optimizer state under the settings now in force.
+
+    ``load_state_dict`` alone brings back the old run's hyperparameters too (lr, d_coef, betas, weight
+    decay): a resume with a new LR would silently go on at the old one. The moments and Prodigy's
+    learned step size come from the checkpoint, every setting from the config; the state of another
+    optimizer is refused rather than misread.
+    """
+    settings = [{k: v for k, v in group.items() if k not in ("params", *PRODIGY_GROUP_STATE)} for group in optimizer.param_groups]
+    saved_kind = "prodigy" if any("d_coef" in group for group in saved["param_groups"]) else "adamw"
+    if ("d_coef" in optimizer.param_groups[0]) != (saved_kind == "prodigy"):
+        raise ConfigError(f"the checkpoint holds {saved_kind} optimizer state but the config asks for {optimizer_name}: "
+                          f"resume with optim.optimizer: {saved_kind}, or start the stage over in a new --output")
+    optimizer.load_state_dict(saved)
+    for group, fresh in zip(optimizer.param_groups, settings):
+        group.pop("initial_lr", None)  # the schedule starts again from the configured LR
+        group.update(fresh)
 
 
 def lr_factor(config: OptimConfig, max_steps: int, step: int) -> float:
@@ -171,9 +190,9 @@ class Trainer:
         self.expansion.check(models.inverter)
         self.optimizer = build_optimizer(trainable_parameters(models.inverter), stage_config.optim)
         if loaded is not None:
-            self.optimizer.load_state_dict(loaded.state["optimizer"])
-        # Built from the step alone, after the optimizer's state is back (it holds the saved LR): a resume
-        # with another max_steps continues on the schedule now in force, not at the LR of the old one.
+            restore_optimizer(self.optimizer, loaded.state["optimizer"], stage_config.optim.optimizer)
+        # Built from the step alone, after the optimizer's state is back: a resume with another max_steps or
+        # LR continues on the schedule now in force, not on the old one.
         self.lr_scheduler = build_lr_scheduler(self.optimizer, stage_config.optim, stage_config.max_steps, self.step)
         if rng is not None:
             set_rng_state(rng, self.generator)

@@ -19,6 +19,7 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import os  # noqa: E402
+import shutil  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from typing import Optional  # noqa: E402
 
@@ -32,6 +33,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--stage", choices=["face", "composition", "both"], help="which stage(s) to run (default: the config's)")
     parser.add_argument("--resume", type=Path, help="continue from the latest checkpoint in this folder")
     parser.add_argument("--output", type=Path, help="output folder (overrides run.output)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start over in an output folder holding an earlier run's checkpoints (they are deleted)")
     parser.add_argument("--max-steps", type=int, help="override max_steps of the stage(s) run")
     parser.add_argument("--seed", type=int, help="override run.seed")
     parser.add_argument("--save-every", type=int, help="override run.save_every")
@@ -66,13 +69,46 @@ def load_run_config(args: argparse.Namespace):
         config.stage = args.stage
     if args.seed is not None:
         config.run.seed = args.seed
-    if args.save_every:
+    if args.save_every is not None:
         config.run.save_every = args.save_every
     if args.max_steps is not None:
         for stage in (config.face, config.composition):
             if stage is not None:
                 stage.max_steps = args.max_steps
     return config
+
+
+def earlier_runs(output: Path, stages: list[str], resume: Optional[Path]) -> dict[str, Path]:
+    """Stage folders of ``output`` holding checkpoints this run would not resume from, with the latest.
+
+    Why: starting afresh there would cut the earlier run's loss log, overwrite its inverter and let
+    ``keep_last`` delete the new checkpoints in favour of the old ones; a mistyped ``--resume`` led there.
+    """
+    from trainer.checkpointing import find_resume_checkpoint, list_checkpoints
+
+    found = {}
+    for name in stages:
+        checkpoints = output / name / "checkpoints"
+        existing = list_checkpoints(checkpoints)
+        resumed = find_resume_checkpoint(resume, name) if resume is not None else None
+        if existing and (resumed is None or resumed.resolve().parent != checkpoints.resolve()):
+            found[name] = existing[-1][1]
+    return found
+
+
+def check_output(args: argparse.Namespace, output: Path, stages: list[str]) -> dict[str, Path]:
+    """Refuses a missing ``--resume`` folder and a fresh start over an earlier run (unless ``--overwrite``, or
+    the smoke preset in its default folder); returns the stage folders to clear."""
+    from adaface_core.errors import ConfigError
+
+    if args.resume is not None and not args.resume.exists():
+        raise ConfigError(f"--resume {args.resume}: no such folder (give the output folder of the run to continue)")
+    earlier = earlier_runs(output, stages, args.resume)
+    if earlier and not (args.overwrite or (args.preset == "smoke" and args.output is None)):
+        name, latest = next(iter(earlier.items()))
+        raise ConfigError(f"{output / name} holds an earlier run (latest checkpoint {latest.name}): continue it with "
+                          f"--resume {output}, write to another --output, or start over with --overwrite (deletes its checkpoints)")
+    return earlier
 
 
 def make_accelerator(config):
@@ -137,6 +173,8 @@ def main(argv: Optional[list[str]] = None) -> RunResult:
         logger.info("configuration is valid")
         return RunResult(Path(config.run.output))
     output = Path(config.run.output)
+    stages = ["face", "composition"] if config.stage == "both" else [config.stage]
+    start_over = check_output(args, output, stages)
     accelerator = make_accelerator(config)
     if not accelerator.is_main_process:
         logging.getLogger().setLevel(logging.WARNING)  # one copy of the INFO lines
@@ -146,9 +184,13 @@ def main(argv: Optional[list[str]] = None) -> RunResult:
     if accelerator.is_main_process:
         output.mkdir(parents=True, exist_ok=True)
         (output / "config.json").write_text(json.dumps(config_to_dict(config), indent=2), encoding="utf-8")
+        for name in start_over:
+            logger.warning("--overwrite: deleting the earlier run's checkpoints and TensorBoard log in %s", output / name)
+            for folder in ("checkpoints", "tensorboard"):
+                shutil.rmtree(output / name / folder, ignore_errors=True)
+    accelerator.wait_for_everyone()
     from trainer.stages import get_stage_builder
 
-    stages = ["face", "composition"] if config.stage == "both" else [config.stage]
     for name in stages:
         get_stage_builder(name)  # a missing stage fails before minutes of model loading
     models = build_models(config, accelerator.device, frozen_dtype_for(config, accelerator.device))
