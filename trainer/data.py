@@ -2,7 +2,10 @@
 
 A photo ``x.jpg`` may have ``x_mask.png`` beside it (foreground = nonzero, e.g. BiSeNet parsing
 label != 0). Photos without a detectable face are logged, listed in ``<output>/no_face.txt`` and
-skipped; a folder with none at all is an error. ArcFace vectors are computed once and cached in a
+skipped; a folder with none at all is an error. A mask file that cannot be read is found at startup
+and ignored with a warning (the photo trains with the fallback mask, as if it had none), so it cannot
+stop a run hours in. Photos and masks are turned upright by their EXIF orientation, like face analysis
+does, so pixels, ID vector and detector box all describe the same upright face. ArcFace vectors are computed once and cached in a
 safetensors file keyed by relative path + size + mtime, so a changed or added photo is redone alone.
 """
 
@@ -17,11 +20,12 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import ExifTags, Image, ImageOps
 from safetensors import safe_open
 
 from adaface_core.checkpoint import atomic_save_safetensors
 from adaface_core.errors import ConfigError, ModelFileMissingError
+from adaface_core.image_io import to_rgb_uint8
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +33,10 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 MASK_SUFFIX = "_mask.png"
 CLASS_FILE = "class.txt"
 """Subject metadata: a folder's class word ('man', 'woman', 'girl'...) for stage 2's class prompts."""
+_QUARTER_TURNS = (5, 6, 7, 8)
+"""EXIF orientations whose upright picture swaps width and height."""
+_UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+"""What PIL raises for a missing, truncated, corrupt or oversized file (UnidentifiedImageError is an OSError)."""
 
 
 def scan_images(root: Path) -> list[Path]:
@@ -47,6 +55,45 @@ def scan_images(root: Path) -> list[Path]:
 
 def mask_path(image: Path) -> Path:
     return image.with_name(image.stem + MASK_SUFFIX)
+
+
+def upright_size(image: Path) -> tuple[int, int]:
+    """``(width, height)`` of the photo as face analysis sees it (EXIF-rotated); cheap: only a PNG without
+    EXIF in its header is decoded (PIL looks for EXIF stored after the pixels)."""
+    with Image.open(image) as img:
+        width, height = img.size
+        turned = img.getexif().get(ExifTags.Base.Orientation, 1) in _QUARTER_TURNS
+    return (height, width) if turned else (width, height)
+
+
+def read_mask(mask_file: Path) -> Image.Image:
+    """A mask file as a greyscale image, upright by its EXIF orientation (a no-op for the usual mask without EXIF)."""
+    with Image.open(mask_file) as img:
+        return ImageOps.exif_transpose(img).convert("L")
+
+
+def find_mask_files(images: Sequence[Path]) -> dict[int, Path]:
+    """The readable mask file of each photo that has one, by index; an unreadable one is reported and left out.
+
+    Why at startup: a photo is first drawn at a random step, possibly hours in, where a bad mask file
+    would otherwise crash the run. Left out, its photo gets the fallback mask like a photo without one.
+    """
+    found: dict[int, Path] = {}
+    for index, image in enumerate(images):
+        candidate = mask_path(image)
+        if candidate.is_file() and _mask_is_readable(candidate):
+            found[index] = candidate
+    return found
+
+
+def _mask_is_readable(mask_file: Path) -> bool:
+    try:
+        read_mask(mask_file)
+    except _UNREADABLE as exc:
+        logger.warning("cannot read mask file %s (%s): its photo uses the fallback mask, as if it had none",
+                       mask_file, exc)
+        return False
+    return True
 
 
 def image_key(root: Path, image: Path) -> str:
@@ -132,7 +179,12 @@ class FaceImages:
     image_size: int
     fallback_masks: dict[int, torch.Tensor] = field(default_factory=dict)
     """Masks for photos without a mask file (stage 2: from the detector, ``face_masks``); else all ones."""
+    mask_files: dict[int, Path] = field(init=False, default_factory=dict, repr=False)
+    """The photos' readable mask files by index, checked once here (``find_mask_files``)."""
     _class_words: dict[Path, Optional[str]] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        self.mask_files = find_mask_files(self.paths)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -153,16 +205,16 @@ class FaceImages:
         return torch.from_numpy((np.asarray(m) > 0).astype(np.float32))[None]
 
     def load(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The photo's pixels and mask. The pixels are read the way face analysis reads them (upright, alpha on
+        black), so the latent shows the face the ID vector was computed from."""
         path = self.paths[index]
         size = self.image_size
-        with Image.open(path) as img:
-            img = img.convert("RGB")
-            img = _center_square(img).resize((size, size), Image.BICUBIC)
-            pixels = torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1.0
-        mpath = mask_path(path)
-        if mpath.is_file():
-            with Image.open(mpath) as m:
-                mask = self.square_mask(m)
+        img = Image.fromarray(to_rgb_uint8(path, path.name))
+        img = _center_square(img).resize((size, size), Image.BICUBIC)
+        pixels = torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1.0
+        mask_file = self.mask_files.get(index)
+        if mask_file is not None:
+            mask = self.square_mask(read_mask(mask_file))
         else:
             mask = self.fallback_masks.get(index, torch.ones(1, size, size))
         return pixels, mask

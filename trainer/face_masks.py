@@ -16,7 +16,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from .data import FaceImages, image_key, mask_path
+from .data import FaceImages, image_key, upright_size
 
 logger = logging.getLogger(__name__)
 
@@ -49,13 +49,15 @@ def attach_detector_masks(images: FaceImages, analyzer_factory: Callable[[], obj
     """Gives every photo without a mask file a box-and-keypoint ellipse mask (``images.fallback_masks``).
 
     Returns how many photos got one. ``analyzer_factory()`` is called only if some photo is not cached.
+    A photo whose mask file is unreadable counts as one without (``images.mask_files`` lists the readable ones).
+    The ellipse is drawn on the upright (EXIF-rotated) photo, where face analysis found the box.
     """
     from PIL import Image
 
     cache: dict = json.loads(cache_file.read_text(encoding="utf-8")) if cache_file.is_file() else {}
     analyzer, changed, masks = None, False, {}
     for index, path in enumerate(images.paths):
-        if mask_path(path).is_file():
+        if index in images.mask_files:
             continue
         key = image_key(images.root, path)
         if key not in cache:
@@ -64,8 +66,7 @@ def attach_detector_masks(images: FaceImages, analyzer_factory: Callable[[], obj
             changed = True
         if cache[key] is None:
             continue
-        with Image.open(path) as img:
-            width, height = img.size
+        width, height = upright_size(path)
         inside = ellipse_mask(cache[key]["bbox"], np.asarray(cache[key]["kps"]), width, height)
         masks[index] = Image.fromarray((inside * 255).astype(np.uint8))
     if changed:

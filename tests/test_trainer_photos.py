@@ -1,0 +1,116 @@
+"""Training photos as the trainer reads them: EXIF-rotated phone photos and unreadable mask files."""
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from trainer.data import FaceImages, load_face_images
+from trainer.face_masks import attach_detector_masks
+
+ROTATE_CW = 6
+"""EXIF orientation of a phone held upright: the stored pixels must turn 90 degrees clockwise."""
+UPRIGHT_BOX = [6.0, 10.0, 30.0, 44.0]
+"""A face box in the upright photo's pixels (40 wide, 60 tall), what face analysis reports."""
+
+
+def _upright_photo() -> Image.Image:
+    """40 wide, 60 tall, every corner different, so a turned or mirrored copy cannot pass for it."""
+    yy, xx = np.mgrid[:60, :40]
+    rgb = np.stack([xx * 6, yy * 4, (xx + yy) % 32 * 8], axis=-1).astype(np.uint8)
+    return Image.fromarray(rgb)
+
+
+def _upright_mask() -> Image.Image:
+    mask = np.zeros((60, 40), np.uint8)
+    mask[5:25, 3:15] = 255  # upper left: only one orientation puts it there
+    return Image.fromarray(mask)
+
+
+def _exif(orientation: int) -> Image.Exif:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return exif
+
+
+def _phone_and_twin(root: Path) -> list[Path]:
+    """``phone.jpg`` stored sideways with EXIF orientation 6, and ``twin.png``: the same pixels, stored upright."""
+    root.mkdir(parents=True, exist_ok=True)
+    _upright_photo().transpose(Image.Transpose.ROTATE_90).save(root / "phone.jpg", quality=95, exif=_exif(ROTATE_CW))
+    with Image.open(root / "phone.jpg") as stored:  # the twin holds the phone's decoded pixels, upright
+        stored.convert("RGB").transpose(Image.Transpose.ROTATE_270).save(root / "twin.png")
+    return [root / "phone.jpg", root / "twin.png"]
+
+
+class BoxAnalyzer:
+    """Face analysis stand-in: the same upright box for every photo (ID vectors are not needed here)."""
+
+    def analyze(self, image, name=None):
+        class Face:
+            bbox = np.array(UPRIGHT_BOX)
+            kps = np.array([[14.0, 22.0], [24.0, 22.0], [18.0, 28.0], [15.0, 36.0], [23.0, 36.0]])
+            normed_embedding = np.ones(512, np.float32) / np.sqrt(512)
+
+        return Face()
+
+
+def test_exif_rotated_photo_gives_the_pixels_of_its_upright_twin(tmp_path):
+    photos = FaceImages(tmp_path, _phone_and_twin(tmp_path), torch.zeros(2, 512), image_size=32)
+    phone, twin = photos.load(0)[0], photos.load(1)[0]
+    assert torch.equal(phone, twin)
+    top_left, bottom_right = phone[1, :4, :4].mean(), phone[1, -4:, -4:].mean()  # green grows downwards
+    assert top_left < bottom_right
+
+
+def test_mask_of_an_exif_rotated_photo_lines_up_with_the_upright_face(tmp_path):
+    paths = _phone_and_twin(tmp_path)
+    _upright_mask().save(tmp_path / "phone_mask.png")  # drawn on the upright photo, no EXIF: used as is
+    _upright_mask().save(tmp_path / "twin_mask.png")
+    sideways = tmp_path / "side" / "phone.jpg"
+    _phone_and_twin(sideways.parent)
+    _upright_mask().transpose(Image.Transpose.ROTATE_90).save(sideways.parent / "phone_mask.png", exif=_exif(ROTATE_CW))
+    photos = FaceImages(tmp_path, [*paths, sideways], torch.zeros(3, 512), image_size=32)
+    masks = [photos.load(i)[1] for i in range(3)]
+    assert torch.equal(masks[0], masks[1]) and torch.equal(masks[2], masks[1])
+    assert masks[1][0, 10, 2] == 1 and masks[1][0, 10, 30] == 0
+
+
+def test_detector_mask_of_an_exif_rotated_photo_is_drawn_upright(tmp_path):
+    photos = FaceImages(tmp_path, _phone_and_twin(tmp_path), torch.zeros(2, 512), image_size=32)
+    assert attach_detector_masks(photos, BoxAnalyzer, tmp_path / "boxes.json") == 2
+    phone, twin = photos.load(0)[1], photos.load(1)[1]
+    assert torch.equal(phone, twin) and 0 < float(twin.mean()) < 1
+
+
+def _write_photo(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _upright_photo().save(path)
+    return path
+
+
+def _truncated_png(path: Path) -> None:
+    """A mask whose header reads fine but whose pixel data is cut off (an interrupted copy)."""
+    _upright_mask().save(path)
+    path.write_bytes(path.read_bytes()[:60])
+
+
+def test_unreadable_mask_files_are_found_at_startup_and_fall_back(tmp_path, caplog):
+    root = tmp_path / "faces"
+    good, garbage, cut = (_write_photo(root / name) for name in ("good.png", "garbage.png", "cut.png"))
+    _upright_mask().save(root / "good_mask.png")
+    (root / "garbage_mask.png").write_bytes(b"oops")
+    _truncated_png(root / "cut_mask.png")
+    with caplog.at_level(logging.WARNING, logger="trainer.data"):
+        photos = load_face_images(root, 32, tmp_path / "ids.safetensors", BoxAnalyzer, tmp_path / "no_face.txt")
+    warned = " ".join(r.getMessage() for r in caplog.records)
+    assert "garbage_mask.png" in warned and "cut_mask.png" in warned and "good_mask.png" not in warned
+    assert sorted(p.name for p in photos.paths) == ["cut.png", "garbage.png", "good.png"]  # no photo is dropped
+    by_name = {p.name: i for i, p in enumerate(photos.paths)}
+    assert photos.mask_files == {by_name["good.png"]: root / "good_mask.png"}
+    assert float(photos.load(by_name["garbage.png"])[1].mean()) == 1.0  # stage 1: the whole photo counts
+    assert float(photos.load(by_name["cut.png"])[1].mean()) == 1.0
+    assert 0 < float(photos.load(by_name["good.png"])[1].mean()) < 1
+    assert attach_detector_masks(photos, BoxAnalyzer, tmp_path / "boxes.json") == 2  # stage 2: a detector ellipse
+    assert 0 < float(photos.load(by_name["garbage.png"])[1].mean()) < 1
