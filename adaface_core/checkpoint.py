@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
+import secrets
+import stat
 from pathlib import Path
 from typing import Optional, Union
 
@@ -53,15 +54,32 @@ def fsync_dir(folder: Union[str, Path]) -> None:
         _fsync_path(folder, os.O_RDONLY)
 
 
+def _new_file_beside(path: Path) -> Path:
+    """A new empty temporary file in ``path``'s folder, with the permissions a plain new file gets.
+
+    Not ``tempfile.mkstemp``: its files are 0600 (as safetensors' own are), and the rename would publish
+    that, so a ComfyUI or a trainer running as another user (Docker, a shared server) could not read it.
+    """
+    for _ in range(100):
+        candidate = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            os.close(os.open(candidate, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))  # the umask applies
+            return candidate
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"cannot create a temporary file beside {path}")
+
+
 def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Union[str, Path], metadata: dict[str, str]) -> Path:
     """Writes to a temporary file in the same folder, flushes it, then renames: a crash never leaves half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = _new_file_beside(path)
     try:
-        save_file(tensors, tmp, metadata=metadata)
+        mode = stat.S_IMODE(tmp.stat().st_mode)  # what the umask gives a new file here
+        save_file(tensors, str(tmp), metadata=metadata)  # writes a file of its own, 0600
+        os.chmod(tmp, mode)
         fsync_file(tmp)
         os.replace(tmp, path)
         fsync_dir(path.parent)

@@ -41,11 +41,12 @@ class EmbedResult:
 
 
 def collect_photos(inputs: Sequence[Path]) -> list[Path]:
-    """Files as given, folders expanded to their images (sorted, not recursive)."""
+    """Files as given, folders expanded to their images (sorted, not recursive; hidden files such as the
+    ``._name.jpg`` that macOS leaves on zips and USB sticks are not photos)."""
     photos: list[Path] = []
     for item in inputs:
         if item.is_dir():
-            photos += sorted(p for p in item.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            photos += sorted(p for p in item.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
         elif item.is_file():
             photos.append(item)
         else:

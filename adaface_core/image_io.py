@@ -64,6 +64,11 @@ def _to_numpy(image: ImageInput, name: str) -> np.ndarray:
     raise BadImageError(f"{name}: unsupported image type {type(image).__name__}; give a path, PIL image or array")
 
 
+FLOAT_OVERSHOOT = 1.0
+"""How far past 0..1 a float image may go and still be read as 0..1 (clipped); a 0..255 float image
+reaches far higher."""
+
+
 def _unit_range(array: np.ndarray, name: str) -> np.ndarray:
     """Values as float32 in 0..1, judged from the dtype (and for floats, the range)."""
     if array.dtype == np.bool_:
@@ -71,7 +76,8 @@ def _unit_range(array: np.ndarray, name: str) -> np.ndarray:
     if np.issubdtype(array.dtype, np.floating):
         array = np.nan_to_num(array.astype(np.float32), nan=0.0, posinf=1.0, neginf=0.0)
         low, high = float(array.min()), float(array.max())
-        if low >= -1e-3 and high <= 1.0 + 1e-3:
+        if low >= -FLOAT_OVERSHOOT and high <= 1.0 + FLOAT_OVERSHOOT:
+            # ComfyUI IMAGEs: brightened or bicubic-upscaled ones overshoot 0..1 a little, unclamped
             return np.clip(array, 0.0, 1.0)
         if low >= 0.0 and high <= 255.0:
             logger.debug("%s: float image with values up to %.1f read as 0..255", name, high)

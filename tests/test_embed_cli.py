@@ -94,3 +94,12 @@ def test_an_inverter_and_encoder_that_do_not_belong_together_is_one_clear_line(t
     call[call.index("--inverter") + 1] = str(narrow)
     assert main(call) == 2
     assert "the Arc2Face encoder is 64 wide but the inverter expects 32" in caplog.text
+
+
+def test_hidden_files_in_a_photo_folder_are_not_photos(tmp_path):
+    """macOS leaves ``._name.jpg`` companions on zips and USB sticks; they are not images and must not stop a run."""
+    from adaface_core.embed import collect_photos
+
+    Image.fromarray(tiny_face_photo(64)).save(tmp_path / "alice.jpg")
+    (tmp_path / "._alice.jpg").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    assert collect_photos([tmp_path]) == [tmp_path / "alice.jpg"]

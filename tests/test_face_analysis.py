@@ -192,6 +192,10 @@ def test_image_conversions(tmp_path):
         to_rgb_uint8(tmp_path / "missing.png")
     with pytest.raises(BadImageError, match="expected 0..1"):
         to_rgb_uint8(np.full((4, 4, 3), -3.0, np.float32))
+    # A brightened or bicubic-upscaled ComfyUI IMAGE overshoots 0..1 a little: clipped, not read as 0..255.
+    overshoot = rgb.astype(np.float32) / 255.0 * 1.3 - 0.13
+    assert np.array_equal(to_rgb_uint8(overshoot), to_rgb_uint8(np.clip(overshoot, 0.0, 1.0)))
+    assert to_rgb_uint8(overshoot).max() == 255
     with pytest.raises(BadImageError, match="batch of 2"):
         to_rgb_uint8(np.zeros((2, 8, 8, 3), np.uint8))
     with pytest.raises(BadImageError, match="shape"):

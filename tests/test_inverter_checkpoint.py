@@ -1,6 +1,8 @@
 """Arc2Face encoder, prompt inverter and the checkpoint format, on tiny models in users' layouts."""
 
 import json
+import os
+import stat
 
 import pytest
 import torch
@@ -223,3 +225,15 @@ def test_a_corrupt_encoder_config_names_the_file(tmp_path, tiny_models):
     (folder / "config.json").write_text("{ not json", encoding="utf-8")
     with pytest.raises(CheckpointError, match=r"encoder[/\\]config.json is not a valid CLIP text config.json"):
         Arc2FaceEncoder.from_folder(folder, load_clip_tokenizer(tiny_models.tokenizer))
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX permission bits")
+def test_saved_files_get_the_usual_permissions_not_private_ones(tmp_path, tiny_models):
+    """A ComfyUI or trainer running as another user (Docker, a shared server) must be able to read them."""
+    previous = os.umask(0o022)
+    try:
+        path = save_inverter(load_inverter(tiny_models.inverter), tmp_path / "inverter.safetensors")
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644
+        assert [p.name for p in tmp_path.iterdir()] == ["inverter.safetensors"]  # no temporary file left
+    finally:
+        os.umask(previous)
