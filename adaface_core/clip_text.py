@@ -69,6 +69,12 @@ class ClipTextConfig:
         return json.dumps(values, indent=2)
 
 
+def tile_rows(tensor: torch.Tensor, factor: int) -> torch.Tensor:
+    """``factor`` copies along dim 0, copy ``j`` of row ``i`` at row ``j * rows + i``: how an expansion lays
+    out the replicated key/value projections (the trainer tiles their optimizer state the same way)."""
+    return tensor.repeat(factor, *([1] * (tensor.dim() - 1)))
+
+
 class ClipAttention(nn.Module):
     """Causal multi-head self-attention whose keys and values may be replicated ``multiplier`` times.
 
@@ -115,8 +121,8 @@ class ClipAttention(nn.Module):
         for name in ("k_proj", "v_proj"):
             old: nn.Linear = getattr(self, name)
             new = nn.Linear(old.in_features, old.out_features * factor, device=old.weight.device, dtype=old.weight.dtype)
-            new.weight.copy_(old.weight.repeat(factor, 1))
-            new.bias.copy_(old.bias.repeat(factor))
+            new.weight.copy_(tile_rows(old.weight, factor))
+            new.bias.copy_(tile_rows(old.bias, factor))
             if perturb_std > 0:
                 added = new.weight[old.out_features :]
                 noise = torch.randn(added.shape, generator=generator, device="cpu", dtype=torch.float32)

@@ -6,10 +6,10 @@ import copy
 import pytest
 import torch
 
-from adaface_core.clip_text import ClipAttention, ClipTextConfig
+from adaface_core.clip_text import ClipAttention, ClipTextConfig, tile_rows
 from trainer.config import OptimConfig
 from trainer.loop import build_optimizer
-from trainer.optimizer_expansion import expanded_state, replaced_parameters, tile_rows
+from trainer.optimizer_expansion import expanded_state, replaced_parameters
 
 PROJECTIONS = ("k_proj.weight", "k_proj.bias", "v_proj.weight", "v_proj.bias")
 

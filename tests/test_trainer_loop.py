@@ -11,13 +11,13 @@ import yaml
 from accelerate import Accelerator
 
 from adaface_core.checkpoint import load_inverter
+from adaface_core.clip_text import tile_rows
 from adaface_core.errors import ConfigError
 from trainer import checkpointing
 from trainer.config import OptimConfig, config_from_dict
 from trainer.loop import (SimulatedCrash, Trainer, build_lr_scheduler, build_optimizer, heldout_loss, lr_factor,
                           restore_optimizer)
 from trainer.models import build_models
-from trainer.optimizer_expansion import tile_rows
 from trainer.run import main
 from trainer.stages import build_face_stage
 

@@ -1,7 +1,7 @@
 """Carrying optimizer state across a dynamic expansion.
 
 An expansion replaces each grown key/value projection by a new parameter holding ``factor`` copies
-of the old rows (``ClipAttention.expand``: ``weight.repeat(factor, 1)``, copy ``j`` of row ``i`` at
+of the old rows (``adaface_core.clip_text.tile_rows``, which ``ClipAttention.expand`` uses: copy ``j`` of row ``i`` at
 row ``j * rows + i``). The copies share the attention weight the old keys had, so with identical
 copies each copy's gradient is exactly the old gradient divided by ``factor``. The new parameter's
 state is therefore the old state tiled the same way, with gradient moments rescaled by the power of
@@ -16,6 +16,8 @@ from typing import Any, Optional
 
 import torch
 
+from adaface_core.clip_text import tile_rows
+
 logger = logging.getLogger(__name__)
 
 PRODIGY_GROUP_STATE = ("d", "d_max", "d_numerator", "k")
@@ -28,11 +30,6 @@ gradient is 1/factor of the old one, so an entry is multiplied by factor ** -pow
 
 Replacements = dict[torch.nn.Parameter, torch.nn.Parameter]
 """Old parameter -> the parameter that replaced it in an expansion."""
-
-
-def tile_rows(tensor: torch.Tensor, factor: int) -> torch.Tensor:
-    """``factor`` copies along dim 0, laid out as ``ClipAttention.expand`` lays out the weights."""
-    return tensor.repeat(factor, *([1] * (tensor.dim() - 1)))
 
 
 def expansion_factor(old: torch.Tensor, new: torch.Tensor) -> Optional[int]:

@@ -185,7 +185,7 @@ def main(argv: Optional[list[str]] = None) -> RunResult:
         output.mkdir(parents=True, exist_ok=True)
         (output / "config.json").write_text(json.dumps(config_to_dict(config), indent=2), encoding="utf-8")
         for name in start_over:
-            logger.warning("--overwrite: deleting the earlier run's checkpoints and TensorBoard log in %s", output / name)
+            logger.warning("starting over: deleting the earlier run's checkpoints and TensorBoard log in %s", output / name)
             for folder in ("checkpoints", "tensorboard"):
                 shutil.rmtree(output / name / folder, ignore_errors=True)
     accelerator.wait_for_everyone()
