@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,10 +21,10 @@ from typing import Any, Optional, Sequence, Union
 
 import torch
 
-from .checkpoint import load_inverter, save_inverter
+from .checkpoint import fsync_dir, load_inverter, save_inverter
 from .cli import run_cli
 from .clip_text import ClipTextConfig
-from .errors import AdaFaceError, CheckpointError
+from .errors import AdaFaceError, CheckpointError, ConfigError
 from .inverter import InverterConfig, PromptInverter, reference_template_ids
 from .safe_unpickle import StandIn, is_standin, load_torch_zip
 from .weights import load_checked
@@ -239,15 +240,22 @@ def _check_layerwise_proj(generator: StandIn, path: str) -> None:
 
 
 def convert_official_checkpoint(
-    src: Union[str, Path], dst: Union[str, Path], subject: str = "z", dtype: Optional[torch.dtype] = None
+    src: Union[str, Path],
+    dst: Union[str, Path],
+    subject: str = "z",
+    dtype: Optional[torch.dtype] = None,
+    overwrite: bool = False,
 ) -> ConversionReport:
     """Converts an official AdaFace ``.pt`` (read without running it) into an inverter safetensors file.
 
-    ``dtype`` casts the written CLIP weights; by default they keep the source's precision.
+    ``dtype`` casts the written CLIP weights; by default they keep the source's precision. An existing
+    ``dst`` is replaced only with ``overwrite``, and only by a file that reloaded through the checked path.
     """
     src, dst = Path(src), Path(dst)
     if dst.suffix != ".safetensors":
         raise CheckpointError(f"the output must be a .safetensors file, got {dst.name}")
+    if dst.exists() and not overwrite:
+        raise ConfigError(f"{dst} already exists; choose another name or pass --overwrite")
     checkpoint = load_torch_zip(src)
     notes: list[str] = []
     left_out: list[str] = []
@@ -281,12 +289,14 @@ def convert_official_checkpoint(
     out_dtype = dtype or source_dtype
     metadata = {"converted_from": src.name, "source_generator": path, "source_subject": subject}
     inverter.clip.to(out_dtype)  # the three layer weights stay float32: tiny, and the mix is sensitive to them
-    save_inverter(inverter, dst, extra_metadata=metadata)
+    staged = save_inverter(inverter, dst.with_name(f".{dst.stem}.converting.safetensors"), extra_metadata=metadata)
     try:
-        load_inverter(dst)  # the written file must reload through the normal checked path
+        load_inverter(staged)  # the written file must reload through the normal checked path
     except AdaFaceError:
-        dst.unlink(missing_ok=True)
+        staged.unlink(missing_ok=True)
         raise
+    os.replace(staged, dst)  # only now does an existing file give way
+    fsync_dir(dst.parent)
     report = ConversionReport(
         source=str(src), destination=str(dst), subject=subject, generator=f"{path} ({generator.class_path})",
         num_tokens=num_tokens, attention_multipliers=multipliers, hidden_state_layer_weights=layer_weights.tolist(),
@@ -304,10 +314,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("destination", type=Path, help="output .safetensors file")
     parser.add_argument("--subject", default="z", help="subject string of the generator to convert (default: z)")
     parser.add_argument("--dtype", choices=sorted(_DTYPES), help="output precision (default: the source's)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing destination file")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     args = parser.parse_args(argv)
     return run_cli(
-        lambda: convert_official_checkpoint(args.source, args.destination, args.subject, _DTYPES.get(args.dtype)),
+        lambda: convert_official_checkpoint(args.source, args.destination, args.subject, _DTYPES.get(args.dtype),
+                                            args.overwrite),
         "conversion",
         args.verbose,
     )

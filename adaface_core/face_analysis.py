@@ -254,6 +254,9 @@ class FaceAnalyzer:
     def _detect(self, bgr: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Boxes ``[n, 4]``, keypoints ``[n, 5, 2]`` (original pixels) and scores ``[n]`` from the first try that finds any."""
         for attempt, (canvas, size) in enumerate(self._attempts(bgr)):
+            height, width = canvas.image.shape[:2]
+            if min(height, width) * min(size) < max(height, width):
+                continue  # a sliver (e.g. 1x300): the detector's aspect-keeping resize would make a side 0 px
             dets, kps = self.detector.detect(canvas.image, input_size=size, max_num=0)
             if dets is not None and len(dets) and kps is not None:
                 if attempt:

@@ -456,6 +456,14 @@ def test_cli_in_process(release, tmp_path, caplog):
     assert len(errors) == 1 and "\n" not in errors[0] and "bad.pt is not a torch zip checkpoint" in errors[0]
     assert not (tmp_path / "bad.safetensors").exists()
     assert main([str(release["single"]), str(tmp_path / "out.pt")]) == 2  # a pickle suffix would never load
+    # An existing file is kept unless --overwrite; then only a file that reloaded replaces it.
+    before = (tmp_path / "out.safetensors").read_bytes()
+    assert main([str(release["single"]), str(tmp_path / "out.safetensors")]) == 2
+    assert (tmp_path / "out.safetensors").read_bytes() == before
+    assert main([str(release["single"]), str(tmp_path / "out.safetensors"), "--overwrite"]) == 0
+    assert (tmp_path / "out.safetensors").read_bytes() != before
+    assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == ["out.safetensors"]
+    assert not list(tmp_path.glob(".*"))  # no staged file left behind
 
 
 def test_cli_subprocess_exit_code_and_stderr(tmp_path):

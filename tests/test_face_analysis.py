@@ -76,6 +76,13 @@ def test_tiny_identity_skips_the_photo_without_a_face(tiny_analyzer):
         tiny_analyzer.identity(np.stack([black, black]))  # a batch, as a ComfyUI IMAGE is
 
 
+def test_a_sliver_of_an_image_is_a_photo_without_a_face_not_a_crash(tiny_analyzer):
+    """1x300 and 300x1 strips (a stray banner in a photo folder) used to crash OpenCV inside the detector."""
+    for sliver in (np.full((1, 300, 3), 200, np.uint8), np.full((3000, 3, 3), 200, np.uint8)):
+        result = tiny_analyzer.identity([bright_square(), sliver], names=["face", "strip"])
+        assert result.skipped_names == ["strip"] and result.used_names == ["face"]
+
+
 def test_recognizer_dim_and_graph_classification_by_content(tmp_path):
     """Files with unknown names are told apart the way insightface does; extras are ignored."""
     pack = write_tiny_face_pack(tmp_path / "src", layout="buffalo_s", recognizer_dim=256)
