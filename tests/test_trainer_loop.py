@@ -328,3 +328,21 @@ def test_a_zero_save_interval_is_a_config_error(models_root, tmp_path):
     values["run"]["save_every"] = 0
     with pytest.raises(ConfigError, match="run.save_every and run.log_every must be >= 1"):
         config_from_dict(values).validate(check_paths=False)
+
+
+def test_a_resume_refuses_other_factors_for_the_expansions_already_applied(models_root, tmp_path):
+    """The first expansion ([2, 1, 1] at step 4) is in the checkpoint: a config that now says otherwise
+    for it is refused; the expansions still to come may change."""
+    values = make_config(models_root, tmp_path / "out")
+    run_cli(write_config(tmp_path / "c.yaml", values), "--max-steps", "6")
+    checkpoints = tmp_path / "out" / "face" / "checkpoints"
+    saved = sorted(checkpoints.iterdir())
+
+    values["face"]["expansion"]["factors"] = [[1, 1, 2], [1, 2, 1]]
+    with pytest.raises(ConfigError, match=r"already applied 1 expansion.*\[\[2, 1, 1\]\].*\[\[1, 1, 2\]\]"):
+        run_cli(write_config(tmp_path / "changed.yaml", values), "--resume", str(tmp_path / "out"))
+    assert sorted(checkpoints.iterdir()) == saved
+
+    values["face"]["expansion"]["factors"] = [[2, 1, 1], [1, 1, 3]]
+    result = run_cli(write_config(tmp_path / "later.yaml", values), "--resume", str(tmp_path / "out"))
+    assert load_inverter(result.stages[0].final_checkpoint).config.attention_multipliers == [2, 1, 3]

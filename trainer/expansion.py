@@ -78,6 +78,23 @@ class ExpansionSchedule:
             if len(factors) != layers:
                 raise ConfigError(f"expansion {i + 1} lists {len(factors)} factors but the inverter has {layers} layers")
 
+    def check_applied(self, inverter: PromptInverter) -> None:
+        """On resume: the expansions this stage already applied must be the config's first ones.
+
+        A config that now lists other factors for them describes a model that was never trained; the
+        checkpoint keeps the layers it has, so the mismatch is refused rather than silently ignored.
+        """
+        if not self.done:
+            return
+        history = inverter.config.expansion_history
+        applied = [entry["factors"] for entry in history[-self.done:]] if len(history) >= self.done else None
+        listed = [list(f) for f in self.config.factors[: self.done]]
+        if applied != listed:
+            raise ConfigError(
+                f"the checkpoint already applied {self.done} expansion(s) with factors {applied}, but the config's "
+                f"expansion.factors now begin with {listed}: restore the applied factors (only later ones may "
+                "change) or start over with --overwrite")
+
     @property
     def remaining(self) -> int:
         return len(self.config.factors) - self.done if self.config.enabled else 0

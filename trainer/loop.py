@@ -184,6 +184,7 @@ class Trainer:
             models.inverter.freeze_embeddings()
             self.step = int(loaded.state["step"])
             self.expansion.load_state_dict(loaded.state["expansion"])
+            self.expansion.check_applied(models.inverter)
             rng = loaded.rng
             logger.info("resumed %s from %s (step %d, multipliers %s)", stage.name, checkpoint, self.step,
                         models.inverter.config.attention_multipliers)
