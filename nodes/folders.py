@@ -59,6 +59,20 @@ def inverter_path(file_name: str) -> Path:
         ) from None
 
 
+def _is_folder_name(name: str) -> bool:
+    """A single folder name, as the dropdowns list them: not a path that could leave the model folder.
+
+    Why: the loader's ``VALIDATE_INPUTS`` takes these inputs over from ComfyUI's options check, so a shared
+    workflow or an API call can send any string; an absolute path or ``..`` would read models from elsewhere.
+    """
+    parts = Path(name).parts
+    return len(parts) == 1 and parts[0] == name and name not in (".", "..") and not Path(name).is_absolute()
+
+
+def _not_a_folder_name(kind: str, name: str, folder: str, tail: str = "") -> ModelFileMissingError:
+    return ModelFileMissingError(f"{kind} {name!r} is not a folder name: choose one of the folders in {_where(folder, tail)}")
+
+
 def _is_arc2face_folder(path: Path) -> bool:
     return (path / "encoder" / "config.json").is_file()
 
@@ -75,6 +89,9 @@ def arc2face_folders() -> list[str]:
 
 
 def arc2face_folder(name: str) -> Path:
+    """The chosen Arc2Face folder (``.``: the root itself), only ever inside a registered ``arc2face`` folder."""
+    if name != "." and not _is_folder_name(name):
+        raise _not_a_folder_name("Arc2Face folder", name, ARC2FACE_FOLDER)
     for root in _roots(ARC2FACE_FOLDER):
         candidate = (root / name) if name != "." else root
         if _is_arc2face_folder(candidate):
@@ -97,6 +114,8 @@ def face_pack_folders() -> list[str]:
 
 def face_pack_folder(name: str) -> Path:
     """The chosen pack folder; the core names the files it lacks, so only a missing folder is reported here."""
+    if not _is_folder_name(name):
+        raise _not_a_folder_name("face model folder", name, INSIGHTFACE_FOLDER, "models")
     for root in _roots(INSIGHTFACE_FOLDER):
         candidate = root / "models" / name
         if candidate.is_dir():

@@ -108,6 +108,24 @@ def test_missing_model_names_the_folder_to_put_it_in(env, inputs, where):
     assert loader.VALIDATE_INPUTS(INVERTER, ARC2FACE, FACES) is True
 
 
+@pytest.mark.parametrize("field", ["arc2face", "face_models"])
+def test_loader_reads_models_only_from_comfyui_folders(env, tmp_path, field):
+    """A shared workflow or an API call can send any string: a path out of the model folders is refused,
+    even where a complete model folder sits at the other end (copied there from the real one)."""
+    real = {"arc2face": env.models / "arc2face" / ARC2FACE, "face_models": env.models / "insightface" / "models" / FACES}[field]
+    elsewhere = tmp_path / "elsewhere" / real.name
+    shutil.copytree(real, elsewhere)
+    climbing = os.path.relpath(elsewhere, real.parent)
+    loader = env.pack.NODE_CLASS_MAPPINGS["AdaFaceLoader"]
+    chosen = {"inverter": INVERTER, "arc2face": ARC2FACE, "face_models": FACES}
+    for outside in (str(elsewhere), climbing):
+        inputs = chosen | {field: outside}
+        message = loader.VALIDATE_INPUTS(**inputs)
+        assert isinstance(message, str) and "is not a folder name" in message and str(real.parent) in message
+        with pytest.raises(env.core("errors", "ModelFileMissingError"), match="is not a folder name"):
+            env.node("AdaFaceLoader").load(**inputs, provider="auto")
+
+
 def test_validation_names_every_missing_model_at_once(env):
     """ComfyUI puts the message under each input it validates: one run shows all that is missing."""
     loader = env.pack.NODE_CLASS_MAPPINGS["AdaFaceLoader"]
