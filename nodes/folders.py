@@ -65,8 +65,8 @@ def _is_folder_name(name: str) -> bool:
     Why: the loader's ``VALIDATE_INPUTS`` takes these inputs over from ComfyUI's options check, so a shared
     workflow or an API call can send any string; an absolute path or ``..`` would read models from elsewhere.
     """
-    parts = Path(name).parts
-    return len(parts) == 1 and parts[0] == name and name not in (".", "..") and not Path(name).is_absolute()
+    path = Path(name)
+    return path.parts == (name,) and name != ".." and not path.anchor
 
 
 def _not_a_folder_name(kind: str, name: str, folder: str, tail: str = "") -> ModelFileMissingError:
