@@ -71,6 +71,21 @@ def test_config_errors_are_named():
         config_from_dict({"face": {"optim": {"optimizer": "sgd"}}}).validate(check_paths=False)
     with pytest.raises(ConfigError, match="data.photo_cache_gb must be >= 0"):
         config_from_dict({"data": {"photo_cache_gb": -1}}).validate(check_paths=False)
+    with pytest.raises(ConfigError, match="run.device must be 'auto' .* or 'cpu', got 'cuda:1'"):
+        config_from_dict({"run": {"device": "cuda:1"}}).validate(check_paths=False)
+
+
+def test_settings_no_stage_reads_are_refused_not_dropped():
+    """A knob that would change nothing must not look as if it had: stage 1 has no extra settings, and
+    stage 2 takes its face-loss chain from face.loss."""
+    with pytest.raises(ConfigError, match="face.extra: stage 1 reads no extra settings, got class_word"):
+        config_from_dict({"face": {"extra": {"class_word": "dog"}}}).validate(check_paths=False)
+    with pytest.raises(ConfigError, match="composition.loss: stage 2 reads only 'placeholder'.*got chain_steps, use_masks"):
+        config_from_dict({"stage": "both", "composition": {"loss": {"chain_steps": 2, "use_masks": False}}}
+                         ).validate(check_paths=False)
+    both = config_from_dict({"stage": "both", "face": {"loss": {"chain_steps": 2}},
+                             "composition": {"loss": {"placeholder": "sks", "cfg_prob": 0.6}}}).validate(check_paths=False)
+    assert both.composition.loss.placeholder == "sks" and both.face.loss.chain_steps == 2
 
 
 def test_single_file_sd_checkpoint_without_a_tokenizer_says_which_to_add(tmp_path):

@@ -157,6 +157,16 @@ class RunConfig:
     """``torch.compile`` the frozen UNets (minutes of compiling before the first step; same results)."""
 
 
+def unread_composition_loss_keys(composition: Optional[StageConfig]) -> list[str]:
+    """The ``composition.loss`` settings set away from their defaults that stage 2 never reads: it draws its
+    own prompts and takes the face-loss chain (masks, timesteps, CFG) from ``face.loss``."""
+    if composition is None:
+        return []
+    default = FaceLossConfig()
+    return [f.name for f in dataclasses.fields(FaceLossConfig)
+            if f.name != "placeholder" and getattr(composition.loss, f.name) != getattr(default, f.name)]
+
+
 @dataclass
 class TrainConfig:
     models: ModelsConfig = field(default_factory=ModelsConfig)
@@ -210,6 +220,15 @@ class TrainConfig:
         if self.run.mixed_precision not in ("no", "bf16"):
             problems.append(f"run.mixed_precision must be 'no' or 'bf16', got {self.run.mixed_precision!r} "
                             "(fp16 would need loss scaling; use bf16)")
+        if self.run.device not in ("auto", "cpu"):
+            problems.append(f"run.device must be 'auto' (CUDA when present, else CPU) or 'cpu', got {self.run.device!r} "
+                            "(pick GPUs with CUDA_VISIBLE_DEVICES or accelerate launch)")
+        if self.face.extra:
+            problems.append(f"face.extra: stage 1 reads no extra settings, got {', '.join(sorted(self.face.extra))}")
+        ignored = unread_composition_loss_keys(self.composition)
+        if ignored:
+            problems.append(f"composition.loss: stage 2 reads only 'placeholder' (its face-loss chain is face.loss's), "
+                            f"got {', '.join(ignored)}: set them under face.loss")
         if self.stage in ("composition", "both") and self.composition is None:
             problems.append(f"stage {self.stage!r} needs a 'composition:' section")
         if problems:
