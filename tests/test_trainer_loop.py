@@ -301,6 +301,24 @@ def test_a_fresh_run_over_an_earlier_one_is_refused_and_loses_nothing(models_roo
     assert len((stage_dir / "losses.csv").read_text().splitlines()) == 3  # header + the new run's 2 steps
 
 
+def test_a_resume_from_an_older_checkpoint_does_not_leave_the_later_ones_behind(models_root, tmp_path):
+    """Left there, the abandoned steps 9 and 12 would outrank the new branch: keep_last would prune its
+    checkpoints first and a later plain --resume would continue the abandoned run."""
+    config = write_config(tmp_path / "c.yaml", make_config(models_root, tmp_path / "out"))
+    run_cli(config)
+    stage_dir = tmp_path / "out" / "face"
+    checkpoints = stage_dir / "checkpoints"
+    older, saved = checkpoints / "step_0000006", sorted(checkpoints.iterdir())
+    with pytest.raises(ConfigError, match=r"also holds later checkpoints \(step_0000009, step_0000012\).*--overwrite"):
+        run_cli(config, "--resume", str(older), "--max-steps", "8")
+    assert sorted(checkpoints.iterdir()) == saved
+
+    run_cli(config, "--resume", str(older), "--max-steps", "8", "--overwrite")
+    assert [n for n, _ in checkpointing.list_checkpoints(checkpoints)] == [6, 8]
+    assert checkpointing.find_resume_checkpoint(tmp_path / "out", "face").name == "step_0000008"
+    assert (stage_dir / "losses.csv").read_text().splitlines()[-1].startswith("8,")
+
+
 def test_a_resume_takes_the_optimizer_settings_now_in_force():
     """The checkpoint gives the moments and Prodigy's learned step size; the config gives LR, d_coef and the rest."""
     param = torch.nn.Parameter(torch.ones(4))

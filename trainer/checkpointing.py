@@ -116,6 +116,25 @@ def _settle_aside(aside: Path, final: Path) -> None:
     os.replace(aside, final)
 
 
+def checkpoint_step(step_dir: Path) -> int:
+    """The step a ``step_*`` (or moved-aside ``.old-step_*``) folder holds."""
+    match = STEP_DIR.match(step_dir.name) or ASIDE_DIR.match(step_dir.name)
+    if match is None:
+        raise CheckpointError(f"{step_dir} is not a checkpoint folder (step_<number>)")
+    return int(match.group(1))
+
+
+def checkpoints_after(checkpoints_dir: Path, step: int) -> list[Path]:
+    """Every checkpoint folder of ``checkpoints_dir`` past ``step``, moved-aside copies included, latest first."""
+    found = []
+    if checkpoints_dir.is_dir():
+        for child in checkpoints_dir.iterdir():
+            match = STEP_DIR.match(child.name) or ASIDE_DIR.match(child.name)
+            if match and child.is_dir() and int(match.group(1)) > step:
+                found.append((int(match.group(1)), child))
+    return [path for _, path in sorted(found, key=lambda item: (-item[0], item[1].name))]
+
+
 def find_resume_checkpoint(path: Union[str, Path], stage: str) -> Optional[Path]:
     """``path`` may be a run's output folder, a stage folder, its ``checkpoints/`` folder or one ``step_*`` folder."""
     path = Path(path)

@@ -34,7 +34,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--resume", type=Path, help="continue from the latest checkpoint in this folder")
     parser.add_argument("--output", type=Path, help="output folder (overrides run.output)")
     parser.add_argument("--overwrite", action="store_true",
-                        help="start over in an output folder holding an earlier run's checkpoints (they are deleted)")
+                        help="start over in an output folder holding an earlier run's checkpoints (they are deleted); "
+                             "with --resume of an older checkpoint, delete the later ones")
     parser.add_argument("--max-steps", type=int, help="override max_steps of the stage(s) run")
     parser.add_argument("--seed", type=int, help="override run.seed")
     parser.add_argument("--save-every", type=int, help="override run.save_every")
@@ -96,19 +97,51 @@ def earlier_runs(output: Path, stages: list[str], resume: Optional[Path]) -> dic
     return found
 
 
-def check_output(args: argparse.Namespace, output: Path, stages: list[str]) -> dict[str, Path]:
-    """Refuses a missing ``--resume`` folder and a fresh start over an earlier run (unless ``--overwrite``, or
-    the smoke preset in its default folder); returns the stage folders to clear."""
+def abandoned_checkpoints(output: Path, stages: list[str], resume: Optional[Path]) -> list[Path]:
+    """Checkpoints of ``output`` past an older one that ``--resume`` names in that same folder, latest first.
+
+    Why: left there, they are the branch being abandoned: ``keep_last`` would prune the resumed branch's
+    lower steps first, and a later plain ``--resume`` would continue the abandoned one.
+    """
+    from trainer.checkpointing import checkpoint_step, checkpoints_after, find_resume_checkpoint
+
+    found: list[Path] = []
+    for name in stages if resume is not None else []:
+        checkpoints = output / name / "checkpoints"
+        resumed = find_resume_checkpoint(resume, name)
+        if resumed is not None and resumed.resolve().parent == checkpoints.resolve():
+            found += checkpoints_after(checkpoints, checkpoint_step(resumed))
+    return found
+
+
+@dataclass
+class OutputCleanup:
+    """What ``--overwrite`` deletes before training: whole stages of an earlier run, or the later
+    checkpoints of a run resumed from an older step."""
+
+    start_over: dict[str, Path] = field(default_factory=dict)
+    abandoned: list[Path] = field(default_factory=list)
+
+
+def check_output(args: argparse.Namespace, output: Path, stages: list[str]) -> OutputCleanup:
+    """Refuses a missing ``--resume`` folder, a fresh start over an earlier run (unless ``--overwrite``, or
+    the smoke preset in its default folder) and a resume from an older checkpoint that leaves later ones
+    behind (unless ``--overwrite``); returns what to delete."""
     from adaface_core.errors import ConfigError
 
     if args.resume is not None and not args.resume.exists():
         raise ConfigError(f"--resume {args.resume}: no such folder (give the output folder of the run to continue)")
-    earlier = earlier_runs(output, stages, args.resume)
-    if earlier and not (args.overwrite or (args.preset == "smoke" and args.output is None)):
-        name, latest = next(iter(earlier.items()))
+    cleanup = OutputCleanup(earlier_runs(output, stages, args.resume), abandoned_checkpoints(output, stages, args.resume))
+    if cleanup.start_over and not (args.overwrite or (args.preset == "smoke" and args.output is None)):
+        name, latest = next(iter(cleanup.start_over.items()))
         raise ConfigError(f"{output / name} holds an earlier run (latest checkpoint {latest.name}): continue it with "
                           f"--resume {output}, write to another --output, or start over with --overwrite (deletes its checkpoints)")
-    return earlier
+    if cleanup.abandoned and not args.overwrite:
+        later = ", ".join(sorted(path.name for path in cleanup.abandoned))
+        raise ConfigError(f"--resume {args.resume}: {cleanup.abandoned[0].parent} also holds later checkpoints ({later}); "
+                          f"continue from the latest with --resume {output}, write this branch to another --output, "
+                          "or give --overwrite to delete the later ones")
+    return cleanup
 
 
 def make_accelerator(config):
@@ -174,7 +207,7 @@ def main(argv: Optional[list[str]] = None) -> RunResult:
         return RunResult(Path(config.run.output))
     output = Path(config.run.output)
     stages = ["face", "composition"] if config.stage == "both" else [config.stage]
-    start_over = check_output(args, output, stages)
+    cleanup = check_output(args, output, stages)
     accelerator = make_accelerator(config)
     if not accelerator.is_main_process:
         logging.getLogger().setLevel(logging.WARNING)  # one copy of the INFO lines
@@ -184,10 +217,13 @@ def main(argv: Optional[list[str]] = None) -> RunResult:
     if accelerator.is_main_process:
         output.mkdir(parents=True, exist_ok=True)
         (output / "config.json").write_text(json.dumps(config_to_dict(config), indent=2), encoding="utf-8")
-        for name in start_over:
+        for name in cleanup.start_over:
             logger.warning("starting over: deleting the earlier run's checkpoints and TensorBoard log in %s", output / name)
             for folder in ("checkpoints", "tensorboard"):
                 shutil.rmtree(output / name / folder, ignore_errors=True)
+        for path in cleanup.abandoned:
+            logger.warning("resuming from an older checkpoint: deleting the later %s", path)
+            shutil.rmtree(path, ignore_errors=True)
     accelerator.wait_for_everyone()
     from trainer.stages import get_stage_builder
 
