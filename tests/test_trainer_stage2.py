@@ -65,11 +65,22 @@ def test_stage_both_continues_from_stage1_result(models_root, tmp_path):
 
 
 def test_resumed_stage2_compares_with_the_stage_start(models_root, tmp_path):
+    """In place or into another --output, a resumed stage 2 reports against the stage's true start and
+    keeps the loss rows of the steps before its checkpoint."""
     out = tmp_path / "run"
     config = write_config(tmp_path / "c.yaml", stage2_config(models_root, out, steps=6))
     with pytest.raises(SimulatedCrash):
         run_cli(config, "--crash-at-step", "4")
     start = (out / "composition" / "heldout.csv").read_text().splitlines()[1]
+    before_checkpoint = (out / "composition" / "losses.csv").read_text().splitlines()[:4]  # header, steps 1-3
+
+    elsewhere = tmp_path / "elsewhere"
+    run_cli(config, "--resume", str(out), "--output", str(elsewhere))
+    rows = (elsewhere / "composition" / "heldout.csv").read_text().splitlines()
+    assert rows[1] == start and rows[2].startswith("6,") and len(rows) == 3
+    losses = (elsewhere / "composition" / "losses.csv").read_text().splitlines()
+    assert losses[:4] == before_checkpoint and [row.split(",")[0] for row in losses[1:]] == ["1", "2", "3", "4", "5", "6"]
+
     held = run_cli(config, "--resume", str(out)).stages[-1].heldout
     rows = (out / "composition" / "heldout.csv").read_text().splitlines()
     assert rows[1] == start and rows[2].startswith("6,") and len(rows) == 3

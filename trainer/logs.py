@@ -55,6 +55,29 @@ def _read_rows(path: Path, max_step: Optional[int] = None) -> list[list[str]]:
     return [by_step[step] for step in sorted(by_step)]
 
 
+def _write_csv(path: Path, rows: list[list[str]]) -> None:
+    """Replaces ``path`` in one rename: a kill leaves the old file or the new one, never half of one."""
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", newline="", encoding="utf-8") as handle:
+        csv.writer(handle).writerows(rows)
+    os.replace(tmp, path)
+
+
+def carry_logs(source_stage_dir: Path, stage_dir: Path, step: int) -> None:
+    """A resume into another output folder brings the stage's records up to ``step`` along: the loss rows
+    and stage 2's held-out start row. Why: else the new folder's log starts at the resume step, and its
+    held-out "before" would be measured there instead of at the stage's true start."""
+    if source_stage_dir.resolve() == stage_dir.resolve():
+        return
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    _write_csv(stage_dir / "losses.csv", [CSV_HEADER, *_read_rows(source_stage_dir / "losses.csv", step)])
+    heldout = HeldoutReport.start_rows(source_stage_dir / "heldout.csv")
+    if heldout:
+        _write_csv(stage_dir / "heldout.csv", heldout)
+    else:
+        (stage_dir / "heldout.csv").unlink(missing_ok=True)  # another run's start row must not be taken for this one's
+
+
 class TrainLogger:
     def __init__(self, stage_dir: Path, stage: str, start_step: int, max_steps: int, enabled: bool,
                  tensorboard: bool = True, show_progress: bool = True):
@@ -90,11 +113,7 @@ class TrainLogger:
     def _truncate_csv(self, step: int) -> None:
         """Keeps the rows up to the checkpoint being resumed from (the later steps are redone), once each,
         under one header. Whatever a kill left is repaired: an empty file, no header, a torn last line."""
-        kept = _read_rows(self.csv_path, step)
-        tmp = self.csv_path.with_name(self.csv_path.name + ".tmp")
-        with tmp.open("w", newline="", encoding="utf-8") as handle:
-            csv.writer(handle).writerows([CSV_HEADER, *kept])
-        os.replace(tmp, self.csv_path)  # a kill now leaves the old file or the new one, never half of one
+        _write_csv(self.csv_path, [CSV_HEADER, *_read_rows(self.csv_path, step)])
 
     def _write_row(self, row: list) -> None:
         """Written through at once: a SIGKILL must not take the buffered rows with it (rows come at log steps)."""
@@ -178,14 +197,20 @@ class HeldoutReport:
         self.enabled = enabled
         self.before: dict[str, float] = {}
 
+    @staticmethod
+    def start_rows(path: Path) -> list[list[str]]:
+        """The header and the stage-start row of a ``heldout.csv`` ([] when there is none)."""
+        if not path.is_file():
+            return []
+        with path.open(newline="", encoding="utf-8") as handle:
+            rows = [row for row, _ in zip(csv.reader(handle), range(2))]
+        return rows if len(rows) == 2 and len(rows[0]) == len(rows[1]) else []
+
     def start(self, step: int, measure) -> dict[str, float]:
-        if step > 0 and self.csv_path.is_file():
-            with self.csv_path.open(newline="", encoding="utf-8") as handle:
-                first = next(csv.DictReader(handle), None)
-            if first is not None:
-                first.pop("step")
-                self.before = {k: float(v) for k, v in first.items()}
-                return self.before
+        rows = self.start_rows(self.csv_path) if step > 0 else []
+        if rows:
+            self.before = {k: float(v) for k, v in zip(rows[0][1:], rows[1][1:])}
+            return self.before
         self.before = measure()
         if self.enabled:
             self.csv_path.parent.mkdir(parents=True, exist_ok=True)

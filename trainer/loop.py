@@ -29,7 +29,7 @@ from adaface_core.inverter import PromptInverter
 from .checkpointing import clean_stale, find_resume_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
 from .config import OptimConfig, StageConfig
 from .expansion import ExpansionSchedule
-from .logs import TrainLogger
+from .logs import TrainLogger, carry_logs
 from .models import Models
 from .optimizer_expansion import PRODIGY_GROUP_STATE, Replacements, carry_optimizer_state, replaced_parameters
 
@@ -188,6 +188,9 @@ class Trainer:
             rng = loaded.rng
             logger.info("resumed %s from %s (step %d, multipliers %s)", stage.name, checkpoint, self.step,
                         models.inverter.config.attention_multipliers)
+            if accelerator.is_main_process:
+                carry_logs(checkpoint.parent.parent, self.stage_dir, self.step)
+            accelerator.wait_for_everyone()  # the held-out report reads what was carried
         self.expansion.check(models.inverter)
         self.optimizer = build_optimizer(trainable_parameters(models.inverter), stage_config.optim)
         if loaded is not None:
