@@ -21,7 +21,7 @@ import numpy as np
 
 from .errors import AdaFaceError, ConfigError, NoFaceError
 from .face_pack import FacePackFiles, onnx_providers, resolve_face_pack
-from .image_io import DetectionCanvas, ImageInput, detection_canvas, image_name, to_bgr_uint8
+from .image_io import DetectionCanvas, ImageInput, as_image_list, detection_canvas, image_name, to_bgr_uint8
 
 logger = logging.getLogger(__name__)
 
@@ -114,16 +114,6 @@ def average_identity(vectors: Sequence[np.ndarray]) -> np.ndarray:
     if norm < 1e-6:
         raise AdaFaceError("the photos' face vectors cancel out; they cannot be of one person")
     return (mean / norm).astype(np.float32)
-
-
-def _as_image_list(images: Union[ImageInput, Sequence[ImageInput]]) -> list[ImageInput]:
-    """A list of single images from a list, one image, or a batch (``BxHxWxC`` array or tensor)."""
-    if isinstance(images, (list, tuple)):
-        return list(images)
-    shape = getattr(images, "shape", None)
-    if shape is not None and len(shape) == 4:
-        return [images[i] for i in range(shape[0])]
-    return [images]
 
 
 def _fixed_detector_size(detector: Any) -> Optional[tuple[int, int]]:
@@ -333,7 +323,7 @@ class FaceAnalyzer:
         The largest face of each photo counts once; photos without a face are listed in
         ``skipped_names`` and logged, and only when none has a face is it an error.
         """
-        items = _as_image_list(images)
+        items = as_image_list(images)
         if not items:
             raise NoFaceError("no photos were given; " + NO_FACE_ADVICE)
         if names is None:

@@ -12,7 +12,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Sequence, Union
 
 import cv2
 import numpy as np
@@ -37,11 +37,27 @@ def image_name(image: ImageInput, index: int) -> str:
     return f"image {index}"
 
 
+def as_image_list(images: Union[ImageInput, Sequence[ImageInput]]) -> list[ImageInput]:
+    """A list of single images from a list, one image, or a batch (``BxHxWxC`` array or tensor)."""
+    if isinstance(images, (list, tuple)):
+        return list(images)
+    shape = getattr(images, "shape", None)
+    if shape is not None and len(shape) == 4:
+        return [images[i] for i in range(shape[0])]
+    return [images]
+
+
+def image_file(image: Union[str, "os.PathLike[str]"]) -> Path:
+    """The file a path names (``~`` expanded); a clear error when there is none."""
+    path = Path(image).expanduser()
+    if not path.is_file():
+        raise BadImageError(f"image file {path} does not exist")
+    return path
+
+
 def _to_numpy(image: ImageInput, name: str) -> np.ndarray:
     if isinstance(image, (str, os.PathLike)):
-        path = Path(image).expanduser()
-        if not path.is_file():
-            raise BadImageError(f"image file {path} does not exist")
+        path = image_file(image)
         try:
             with Image.open(path) as opened:
                 opened.load()
@@ -51,7 +67,7 @@ def _to_numpy(image: ImageInput, name: str) -> np.ndarray:
         except (OSError, ValueError) as error:
             raise BadImageError(f"cannot read image {path}: {error}") from error
     if isinstance(image, Image.Image):
-        if image.mode == "P":
+        if image.mode in ("P", "PA"):  # palette indices are not colours
             image = image.convert("RGBA")
         elif image.mode in ("CMYK", "YCbCr", "LAB", "HSV", "1"):
             image = image.convert("RGB")
@@ -65,8 +81,11 @@ def _to_numpy(image: ImageInput, name: str) -> np.ndarray:
 
 
 FLOAT_OVERSHOOT = 1.0
-"""How far past 0..1 a float image may go and still be read as 0..1 (clipped); a 0..255 float image
+"""How far above 1 a float image may go and still be read as 0..1 (clipped); a 0..255 float image
 reaches far higher."""
+FLOAT_UNDERSHOOT = 0.25
+"""How far below 0 a float image may go and still be read as 0..1 (clipped). Further down it is most
+likely a -1..1 image (the range of diffusers' and VAE tensors), which clipping would half blacken."""
 
 
 def _unit_range(array: np.ndarray, name: str) -> np.ndarray:
@@ -76,9 +95,12 @@ def _unit_range(array: np.ndarray, name: str) -> np.ndarray:
     if np.issubdtype(array.dtype, np.floating):
         array = np.nan_to_num(array.astype(np.float32), nan=0.0, posinf=1.0, neginf=0.0)
         low, high = float(array.min()), float(array.max())
-        if low >= -FLOAT_OVERSHOOT and high <= 1.0 + FLOAT_OVERSHOOT:
+        if low >= -FLOAT_UNDERSHOOT and high <= 1.0 + FLOAT_OVERSHOOT:
             # ComfyUI IMAGEs: brightened or bicubic-upscaled ones overshoot 0..1 a little, unclamped
             return np.clip(array, 0.0, 1.0)
+        if low >= -1.0 - FLOAT_UNDERSHOOT and high <= 1.0 + FLOAT_OVERSHOOT:
+            raise BadImageError(f"{name}: float image values span {low:.3g}..{high:.3g}, which looks like a -1..1 "
+                                "image; map it to 0..1 first ((x + 1) / 2)")
         if low >= 0.0 and high <= 255.0:
             logger.debug("%s: float image with values up to %.1f read as 0..255", name, high)
             return array / 255.0
@@ -87,10 +109,11 @@ def _unit_range(array: np.ndarray, name: str) -> np.ndarray:
         high = int(array.max()) if array.size else 0
         if int(array.min()) < 0:
             raise BadImageError(f"{name}: integer image has negative values")
-        # The dtype decides where it can: a dark 16-bit photo (values <= 255) is still 16-bit.
-        if array.dtype == np.uint8:
+        # The dtype decides where it can: a dark 16-bit photo (values <= 255) is still 16-bit, in
+        # either byte order (a big-endian TIFF reads as >u2, which is not np.uint16).
+        if array.dtype.kind == "u" and array.dtype.itemsize == 1:
             return array.astype(np.float32) / 255.0
-        if array.dtype == np.uint16:
+        if array.dtype.kind == "u" and array.dtype.itemsize == 2:
             return array.astype(np.float32) / 65535.0
         if high <= 255:  # wider integer types (numpy's default int64) carry no depth: judge by range
             return array.astype(np.float32) / 255.0

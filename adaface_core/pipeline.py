@@ -8,18 +8,18 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from collections import OrderedDict
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
-import numpy as np
 import torch
 
 from .arc2face import Arc2FaceEncoder
 from .checkpoint import load_inverter
 from .errors import ConfigError
 from .face_analysis import FaceAnalyzer, IdentityResult, ImageInput
-from .image_io import image_name
+from .image_io import as_image_list, image_file, image_name, to_rgb_uint8
 from .inverter import PromptInverter
 from .subject import SubjectEmbedding
 from .tokenizer import load_clip_tokenizer
@@ -28,14 +28,15 @@ logger = logging.getLogger(__name__)
 
 
 def image_digest(images: Sequence[ImageInput]) -> str:
-    """A content hash of the photos (arrays by bytes, paths by name and bytes)."""
+    """A content hash of the photos: a file's bytes, else the 8-bit RGB pixels face analysis will see (a
+    palette image's indices alone, or a tensor's raw bytes, would not tell two different pictures apart)."""
     digest = hashlib.sha1()
-    for image in images:
-        if isinstance(image, (str, Path)):
-            digest.update(Path(image).read_bytes())
+    for index, image in enumerate(images):
+        if isinstance(image, (str, os.PathLike)):
+            digest.update(image_file(image).read_bytes())
         else:
-            array = np.ascontiguousarray(np.asarray(image))
-            digest.update(str((array.shape, array.dtype)).encode())
+            array = to_rgb_uint8(image, image_name(image, index))
+            digest.update(str(array.shape).encode())
             digest.update(array.tobytes())
     return digest.hexdigest()
 
@@ -106,7 +107,7 @@ class SubjectEncoder:
 
     def encode_photos(
         self,
-        images: Sequence[ImageInput],
+        images: Union[ImageInput, Sequence[ImageInput]],
         names: Optional[Sequence[str]] = None,
         on_miss: Optional[Callable[[], None]] = None,
     ) -> tuple[SubjectEmbedding, IdentityResult]:
@@ -117,6 +118,7 @@ class SubjectEncoder:
         """
         if self.faces is None:
             raise ConfigError("this SubjectEncoder was built without face models")
+        images = as_image_list(images)  # one photo, a list of them, or a BxHxWxC batch, as identity() takes
         names = list(names) if names is not None else [image_name(image, i) for i, image in enumerate(images)]
         key = image_digest(images) + "|" + "|".join(names)  # the names are part of what is returned
         if key in self._cache:

@@ -11,6 +11,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+from adaface_core.tiny_face_models import write_tiny_face_pack  # noqa: E402
 from adaface_core.tiny_models import (  # noqa: E402
     TinySpec,
     write_arc2face_folder,
@@ -45,3 +46,9 @@ def tiny_models(tmp_path_factory) -> TinyModels:
         arc2face=write_arc2face_folder(spec, root / "arc2face"),
         inverter=write_inverter_file(spec, root / "adaface" / "tiny_inverter.safetensors"),
     )
+
+
+@pytest.fixture(scope="session")
+def face_pack(tmp_path_factory, tiny_models) -> Path:
+    """A tiny antelopev2 pack whose ArcFace stand-in is as wide as the tiny encoder (64-d vectors)."""
+    return write_tiny_face_pack(tmp_path_factory.mktemp("insightface") / "antelopev2", recognizer_dim=tiny_models.spec.hidden_size)

@@ -14,13 +14,7 @@ from adaface_core.embed import main
 from adaface_core.face_analysis import FaceAnalyzer
 from adaface_core.pipeline import SubjectEncoder
 from adaface_core.textual_inversion import load_textual_inversion
-from adaface_core.tiny_face_models import tiny_face_photo, write_tiny_face_pack
-
-
-@pytest.fixture(scope="module")
-def face_pack(tmp_path_factory, tiny_models) -> Path:
-    # The tiny encoder is 64 wide, so its ArcFace stand-in gives 64-d vectors.
-    return write_tiny_face_pack(tmp_path_factory.mktemp("insightface") / "antelopev2", recognizer_dim=tiny_models.spec.hidden_size)
+from adaface_core.tiny_face_models import tiny_face_photo
 
 
 def write_photos(folder: Path) -> list[Path]:

@@ -209,6 +209,20 @@ def test_image_conversions(tmp_path):
         to_rgb_uint8(np.zeros((8, 8, 5), np.uint8))
 
 
+def test_no_image_is_silently_misread(tmp_path):
+    """Inputs that look fine but mean something else: each is read for what it is, or refused by name."""
+    grey = np.random.default_rng(1).integers(0, 200, (40, 50)).astype(np.uint16)  # a dark 16-bit photo
+    Image.frombytes("I;16B", (50, 40), grey.astype(">u2").tobytes()).save(tmp_path / "dark.tif")  # big-endian
+    for big_endian in (grey.astype(">u2"), tmp_path / "dark.tif"):
+        assert np.array_equal(to_rgb_uint8(big_endian), to_rgb_uint8(grey))
+        assert to_rgb_uint8(big_endian).max() <= 1  # 199/65535 of full scale, not 199/255
+    palette = Image.fromarray(np.random.default_rng(2).integers(0, 256, (20, 30, 3), dtype=np.uint8)).convert("P")
+    assert np.array_equal(to_rgb_uint8(palette.convert("PA")), np.asarray(palette.convert("RGB")))  # colours, not indices
+    signed = np.random.default_rng(3).random((16, 16, 3), dtype=np.float32) * 2 - 1  # diffusers' -1..1 range
+    with pytest.raises(BadImageError, match=r"looks like a -1..1 image; map it to 0..1 first \(\(x \+ 1\) / 2\)"):
+        to_rgb_uint8(torch.from_numpy(signed)[None])
+
+
 def test_detection_canvas_maps_back():
     bgr = np.zeros((3000, 1500, 3), np.uint8)
     canvas = detection_canvas(bgr, max_side=640, pad=True)
