@@ -56,8 +56,18 @@ class InverterConfig:
             )
         if any(m < 1 for m in self.attention_multipliers):
             raise ConfigError(f"attention multipliers must be >= 1, got {self.attention_multipliers}")
+        if self.num_tokens < 1 or self.token_offset < 1:
+            raise ConfigError(f"num_tokens and token_offset must be >= 1 (position 0 is the start token), "
+                              f"got {self.num_tokens} and {self.token_offset}")
         if self.token_offset + self.num_tokens > len(self.template_ids):
             raise ConfigError("subject tokens run past the end of the template")
+        if len(self.template_ids) > self.clip.max_position_embeddings:
+            raise ConfigError(f"the template has {len(self.template_ids)} tokens, the CLIP text model "
+                              f"{self.clip.max_position_embeddings} positions")
+        ids = [*self.template_ids, self.pad_token_id]
+        if not all(0 <= i < self.clip.vocab_size for i in ids):
+            raise ConfigError(f"template and pad token ids must lie in the CLIP vocabulary (0..{self.clip.vocab_size - 1}), "
+                              f"got {min(ids)}..{max(ids)}")
         if not 1 <= self.num_hidden_state_layers <= self.clip.num_hidden_layers + 1:
             raise ConfigError("num_hidden_state_layers must be between 1 and the number of layers + 1")
 

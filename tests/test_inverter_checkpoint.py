@@ -186,6 +186,10 @@ def _rewrite_metadata(source, target, **changes):
     ({"config": {"attention_multipliers": [1, 1]}}, "malformed configuration"),
     ({"config": {"clip": {"hidden_size": 64}, "unknown_field": 1}}, "malformed configuration"),
     ({"format_version": "7"}, "format version '7'"),
+    # Each of these loaded, then failed at the first encode with an index or size error.
+    ({"config": {"token_offset": -3}}, "token_offset must be >= 1"),
+    ({"config": {"pad_token_id": 99999}}, r"must lie in the CLIP vocabulary \(0..49407\), got 267..99999"),
+    ({"config": {"template_ids": [49406] + [267] * 79}}, "the template has 80 tokens, the CLIP text model 77 positions"),
 ])
 def test_a_checkpoint_with_a_foreign_or_broken_configuration_is_named(tmp_path, tiny_models, changes, message):
     path = _rewrite_metadata(tiny_models.inverter, tmp_path / "odd.safetensors", **changes)
