@@ -13,6 +13,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
+import numpy as np
 import torch
 
 from .arc2face import Arc2FaceEncoder
@@ -27,15 +28,22 @@ from .tokenizer import load_clip_tokenizer
 logger = logging.getLogger(__name__)
 
 
+def analysable(images: Sequence[ImageInput], names: Sequence[str]) -> list[ImageInput]:
+    """Paths as given (their bytes are their content), anything else as the 8-bit RGB array face analysis
+    reads: converted once, for both the cache key and the analysis. Why not key on the raw input: a palette
+    image's array holds only indices, so two different pictures could share a key."""
+    return [image if isinstance(image, (str, os.PathLike)) else to_rgb_uint8(image, name)
+            for image, name in zip(images, names)]
+
+
 def image_digest(images: Sequence[ImageInput]) -> str:
-    """A content hash of the photos: a file's bytes, else the 8-bit RGB pixels face analysis will see (a
-    palette image's indices alone, or a tensor's raw bytes, would not tell two different pictures apart)."""
+    """A content hash of ``analysable`` photos (files by bytes, arrays by shape and pixels)."""
     digest = hashlib.sha1()
-    for index, image in enumerate(images):
+    for image in images:
         if isinstance(image, (str, os.PathLike)):
             digest.update(image_file(image).read_bytes())
         else:
-            array = to_rgb_uint8(image, image_name(image, index))
+            array = np.ascontiguousarray(image)
             digest.update(str(array.shape).encode())
             digest.update(array.tobytes())
     return digest.hexdigest()
@@ -120,6 +128,9 @@ class SubjectEncoder:
             raise ConfigError("this SubjectEncoder was built without face models")
         images = as_image_list(images)  # one photo, a list of them, or a BxHxWxC batch, as identity() takes
         names = list(names) if names is not None else [image_name(image, i) for i, image in enumerate(images)]
+        if len(names) != len(images):
+            raise ConfigError(f"{len(names)} names for {len(images)} photos")
+        images = analysable(images, names)
         key = image_digest(images) + "|" + "|".join(names)  # the names are part of what is returned
         if key in self._cache:
             self._cache.move_to_end(key)
