@@ -8,6 +8,7 @@ import random
 import pytest
 import torch
 
+from adaface_core.errors import ConfigError
 from trainer.compositions import (
     aligned_token_index,
     build_prompts,
@@ -252,6 +253,14 @@ def test_pool_and_prompts(tmp_path):
     merged = load_composition_pool([extra])
     assert "holding a tiny teapot" in merged.categories["mine"] and len(merged) == len(pool) + 1
     assert parse_compositions("a\n[x]\nb").categories == {"misc": ["a"], "x": ["b"]}
+    # A BOM (Notepad's UTF-8), a '#' inside a composition and two spellings of one entry.
+    extra.write_bytes("[sports]\nwearing a #10 jersey\n  # a comment\nriding a horse\nRiding a horse.\n".encode("utf-8-sig"))
+    mine = load_composition_pool([extra], include_default=False)
+    assert mine.categories == {"sports": ["wearing a #10 jersey", "riding a horse", "Riding a horse."]}
+    assert mine.entries == ["wearing a #10 jersey", "riding a horse"]
+    extra.write_text("[sports]\n{subject} surfing a wave\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"mine.txt, line 2: '\{subject\} surfing a wave' holds \{subject\}"):
+        load_composition_pool([extra])
 
     q = build_prompts("in the forest", class_word="woman", placeholder="z")
     assert q.as_list() == [

@@ -1,18 +1,23 @@
 """Composition prompt pool and the four prompt instances of composition distillation (paper §2.3).
 
 The pool is data (``trainer/data/compositions.txt``), not code, so users can read it and extend it with
-their own file. Format: one composition per line, ``#`` starts a comment, ``[category]`` opens a section.
+their own file. Format (UTF-8, a BOM allowed): one composition per line, ``[category]`` opens a section, and
+``#`` starts a comment at the start of a line or as a word of its own (`` # ``), so "wearing a #10 jersey"
+keeps its number. Entries that differ only in case or a final full stop count once.
 """
 
 from __future__ import annotations
 
 import logging
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
 import torch
+
+from adaface_core.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -22,6 +27,7 @@ DEFAULT_CLASS_WORD = "person"
 SUBJECT_SLOT = "{subject}"
 DEFAULT_TEMPLATE = f"a photo of {SUBJECT_SLOT}"
 Rng = Union[random.Random, torch.Generator, None]
+_INLINE_COMMENT = re.compile(r"\s#(\s|$)")
 
 
 def fill_subject(template: str, subject: str) -> str:
@@ -42,11 +48,11 @@ class CompositionPool:
 
     @property
     def entries(self) -> list[str]:
-        seen: dict[str, None] = {}
+        seen: dict[str, str] = {}
         for items in self.categories.values():
             for item in items:
-                seen.setdefault(item, None)
-        return list(seen)
+                seen.setdefault(_same_composition(item), item)  # the first spelling stays
+        return list(seen.values())
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -57,17 +63,25 @@ class CompositionPool:
         return self
 
 
-def parse_compositions(text: str, default_category: str = "misc") -> CompositionPool:
-    """Parse the pool format (see module docstring)."""
+def _same_composition(entry: str) -> str:
+    """What two spellings of one composition share ('Riding a horse.' and 'riding a horse')."""
+    return entry.casefold().rstrip(". ")
+
+
+def parse_compositions(text: str, default_category: str = "misc", source: str = "compositions") -> CompositionPool:
+    """Parse the pool format (see module docstring); ``source`` names the text in errors."""
     pool = CompositionPool()
     category = default_category
-    for raw in text.splitlines():
-        line = raw.split("#", 1)[0].strip()
+    for number, raw in enumerate(text.removeprefix("\ufeff").splitlines(), start=1):
+        line = "" if raw.lstrip().startswith("#") else _INLINE_COMMENT.split(raw, 1)[0].strip()
         if not line:
             continue
         if line.startswith("[") and line.endswith("]"):
             category = line[1:-1].strip() or default_category
             continue
+        if SUBJECT_SLOT in line:
+            raise ConfigError(f"{source}, line {number}: {line!r} holds {SUBJECT_SLOT}; a composition follows the "
+                              "subject ('a photo of z <composition>'), so write it without the slot")
         pool.categories.setdefault(category, []).append(" ".join(line.split()))
     return pool
 
@@ -81,7 +95,7 @@ def load_composition_pool(
     pool = CompositionPool()
     files = ([DEFAULT_POOL_FILE] if include_default else []) + [Path(p) for p in extra_files]
     for path in files:
-        pool.merge(parse_compositions(Path(path).read_text(encoding="utf-8")))
+        pool.merge(parse_compositions(Path(path).read_text(encoding="utf-8-sig"), source=str(path)))
     if categories is not None:
         unknown = set(categories) - set(pool.categories)
         if unknown:
