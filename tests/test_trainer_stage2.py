@@ -120,7 +120,7 @@ def test_photo_without_mask_gets_detector_ellipse(tmp_path):
 
     assert attach_detector_masks(images, analyzer, tmp_path / "boxes.json") == 1
     _, mask = images.load(0)
-    (box,) = [v["bbox"] for v in json.loads((tmp_path / "boxes.json").read_text()).values()]
+    (box,) = [v["bbox"] for v in json.loads((tmp_path / "boxes.json").read_text())["boxes"].values()]
     cx, cy = [int((box[i] + box[i + 2]) / 2 * 64 / 320) for i in (0, 1)]  # the photo is 320 px, the mask 64
     assert mask[0, cy, cx] == 1 and mask[0, 63, 63] == 0 and 0.02 < float(mask.mean()) < 0.9
     _, own_mask = images.load(1)  # a mask file always wins
@@ -132,6 +132,18 @@ def test_photo_without_mask_gets_detector_ellipse(tmp_path):
     again = FaceImages(root, list(images.paths), images.id_vectors, image_size=64)
     assert attach_detector_masks(again, no_detector, tmp_path / "boxes.json") == 1
     assert torch.equal(again.load(0)[1], mask)
+
+    # Boxes from other face models are detected afresh; so is a file a kill cut short (no failed start).
+    calls = []
+
+    def counted():
+        calls.append(1)
+        return analyzer()
+
+    assert attach_detector_masks(again, counted, tmp_path / "boxes.json", face_models="other.onnx:1") == 1
+    (tmp_path / "boxes.json").write_text('{"face_models": "other.onnx:1", "boxes": {"plain.png|', encoding="utf-8")
+    assert attach_detector_masks(again, counted, tmp_path / "boxes.json", face_models="other.onnx:1") == 1
+    assert len(calls) == 2 and torch.equal(again.load(0)[1], mask)
 
 
 def test_ellipse_grows_to_hold_every_keypoint():

@@ -3,14 +3,16 @@
 Why: the elastic face-preserving loss (stage 2) needs to know where the face is. Parsing masks (BiSeNet)
 are best; where a photo has none, the face box holds the face, and the five keypoints (eyes, nose, mouth
 corners) must lie inside whatever we call the face, so the ellipse is widened until they do.
-Detections are cached in ``<output>/face_boxes.json`` (keyed like the ArcFace cache) so a restart does not
-run the detector again.
+Detections are cached in ``<output>/face_boxes.json`` (keyed like the ArcFace cache, with the face models
+that made them) so a restart does not run the detector again; the file is replaced in one rename, and one
+that is damaged anyway, or from other face models, is started afresh.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -45,16 +47,40 @@ def _detect(path: Path, root: Path, analyzer) -> Optional[dict]:
     return {"bbox": [float(v) for v in face.bbox], "kps": np.asarray(face.kps, dtype=float).tolist()}
 
 
-def attach_detector_masks(images: FaceImages, analyzer_factory: Callable[[], object], cache_file: Path) -> int:
+def _read_boxes(cache_file: Path, face_models: str) -> dict:
+    """The cached detections by photo key; {} when there are none, they are damaged or from other models."""
+    if not cache_file.is_file():
+        return {}
+    try:
+        stored = json.loads(cache_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        logger.warning("ignoring the damaged face-box cache %s (%s): the detector runs again", cache_file, exc)
+        return {}
+    if not isinstance(stored, dict) or stored.get("face_models") != face_models or not isinstance(stored.get("boxes"), dict):
+        logger.info("the face-box cache %s is from other face models: the detector runs again", cache_file)
+        return {}
+    return stored["boxes"]
+
+
+def _write_boxes(cache_file: Path, boxes: dict, face_models: str) -> None:
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache_file.with_name(cache_file.name + ".tmp")
+    tmp.write_text(json.dumps({"face_models": face_models, "boxes": boxes}), encoding="utf-8")
+    os.replace(tmp, cache_file)  # a kill leaves the old file or the new one, never half of one
+
+
+def attach_detector_masks(images: FaceImages, analyzer_factory: Callable[[], object], cache_file: Path,
+                          face_models: str = "") -> int:
     """Gives every photo without a mask file a box-and-keypoint ellipse mask (``images.fallback_masks``).
 
-    Returns how many photos got one. ``analyzer_factory()`` is called only if some photo is not cached.
+    Returns how many photos got one. ``analyzer_factory()`` is called only if some photo is not cached;
+    ``face_models`` identifies its models (see ``compute_face_ids``).
     A photo whose mask file is unreadable counts as one without (``images.mask_files`` lists the readable ones).
     The ellipse is drawn on the upright (EXIF-rotated) photo, where face analysis found the box.
     """
     from PIL import Image
 
-    cache: dict = json.loads(cache_file.read_text(encoding="utf-8")) if cache_file.is_file() else {}
+    cache = _read_boxes(cache_file, face_models)
     analyzer, changed, masks = None, False, {}
     for index, path in enumerate(images.paths):
         if index in images.mask_files:
@@ -70,8 +96,7 @@ def attach_detector_masks(images: FaceImages, analyzer_factory: Callable[[], obj
         inside = ellipse_mask(cache[key]["bbox"], np.asarray(cache[key]["kps"]), width, height)
         masks[index] = Image.fromarray((inside * 255).astype(np.uint8))
     if changed:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        cache_file.write_text(json.dumps(cache), encoding="utf-8")
+        _write_boxes(cache_file, cache, face_models)
     images.fallback_masks = {i: images.square_mask(m) for i, m in masks.items()}
     logger.info("%d photo(s) without a mask file use a detector-box mask", len(masks))
     return len(masks)
