@@ -51,6 +51,12 @@ class FacePackFiles:
     detector: Path
     recognizer: Path
 
+    @property
+    def fingerprint(self) -> str:
+        """Which models these are, by file name and size (not path or date: a copied pack is the same pack);
+        what a cache of their results records, so another pack's results are not taken for theirs."""
+        return "|".join(f"{path.name}:{path.stat().st_size}" for path in (self.detector, self.recognizer))
+
 
 def onnx_providers(choice: str = "auto", available: Optional[Sequence[str]] = None) -> list[str]:
     """The provider list to give onnxruntime, always ending in CPU.

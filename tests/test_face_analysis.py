@@ -52,6 +52,14 @@ def test_arcface_onnx_replaces_glintr100(tmp_path):
     assert analyzer.recognizer.model_file.endswith("arcface.onnx")
 
 
+def test_a_packs_fingerprint_tells_its_models_apart_and_survives_a_copy(tmp_path, tiny_pack):
+    """What the trainer's face caches record: another recogniser must not pass for this one, a copy must."""
+    copy = shutil.copytree(tiny_pack, tmp_path / "elsewhere" / "antelopev2")
+    assert resolve_face_pack(copy).fingerprint == resolve_face_pack(tiny_pack).fingerprint
+    arc2face = resolve_face_pack(write_tiny_face_pack(tmp_path / "arc" / "antelopev2", layout="arc2face")).fingerprint
+    assert "arcface.onnx:" in arc2face and arc2face != resolve_face_pack(tiny_pack).fingerprint
+
+
 def test_tiny_pack_runs_the_whole_path(tiny_analyzer):
     face = tiny_analyzer.analyze(bright_square(), name="square")
     assert face.normed_embedding.shape == (512,) and face.normed_embedding.dtype == np.float32

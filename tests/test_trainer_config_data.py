@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 from adaface_core.errors import ConfigError, ModelFileMissingError, NoFaceError
+from adaface_core.image_io import to_rgb_uint8
 from trainer.config import config_from_dict, load_config
 from trainer.data import compute_face_ids, scan_images
 from trainer.face_space import FaceSpace
@@ -153,6 +154,31 @@ def test_faceless_images_are_listed_and_skipped_and_ids_are_cached(tmp_path):
     assert batch.id_vectors.shape == (8, 64)
     assert torch.allclose(batch.id_vectors.norm(dim=-1), torch.ones(8), atol=1e-5)
     assert 0 < int(batch.has_image.sum()) < 8
+
+
+def test_the_id_cache_holds_to_its_face_models_and_remembers_unreadable_photos(tmp_path):
+    """Another pack's vectors (of another size, or another space) must not train; an unreadable photo must
+    not make every restart and every process load the face models again."""
+    root = tmp_path / "faces"
+    _write(root / "one.jpg")
+    (root / "broken.png").write_bytes(b"not a png")
+    cache, skipped = tmp_path / "ids.safetensors", tmp_path / "no_face.txt"
+
+    class ReadingAnalyzer(FakeAnalyzer):
+        def analyze(self, image, name=None):
+            to_rgb_uint8(image, name)  # an unreadable file fails here, as in face analysis
+            return super().analyze(image, name)
+
+    FakeAnalyzer.calls = 0
+    kept, _ = compute_face_ids(root, scan_images(root), cache, ReadingAnalyzer, skipped, face_models="a.onnx:1")
+    assert [p.name for p in kept] == ["one.jpg"] and "broken.png" in skipped.read_text() and FakeAnalyzer.calls == 1
+
+    def no_analyzer():
+        raise AssertionError("everything is cached: the face models must not be loaded")
+
+    assert compute_face_ids(root, scan_images(root), cache, no_analyzer, skipped, face_models="a.onnx:1")[0] == kept
+    compute_face_ids(root, scan_images(root), cache, ReadingAnalyzer, skipped, face_models="b.onnx:2")
+    assert FakeAnalyzer.calls == 2  # the other pack analysed one.jpg again
 
 
 def test_empty_or_faceless_folders_are_clear_errors(tmp_path):

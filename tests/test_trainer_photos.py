@@ -1,12 +1,15 @@
-"""Training photos as the trainer reads them: EXIF-rotated phone photos and unreadable mask files."""
+"""Training photos as the trainer reads them: EXIF-rotated phone photos, unreadable or mismatched mask files,
+class words."""
 
 import logging
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
+from adaface_core.errors import ConfigError
 from trainer.data import FaceImages, load_face_images
 from trainer.face_masks import attach_detector_masks
 
@@ -114,3 +117,40 @@ def test_unreadable_mask_files_are_found_at_startup_and_fall_back(tmp_path, capl
     assert 0 < float(photos.load(by_name["good.png"])[1].mean()) < 1
     assert attach_detector_masks(photos, BoxAnalyzer, tmp_path / "boxes.json") == 2  # stage 2: a detector ellipse
     assert 0 < float(photos.load(by_name["garbage.png"])[1].mean()) < 1
+
+
+def test_masks_of_another_shape_name_or_type_are_not_misused(tmp_path, caplog):
+    """A mask is used only where its pixels line up with its photo's; any ``*_mask.*`` is never a photo."""
+    root = tmp_path / "faces"
+    for name in ("square.png", "scaled.png", "upper.png", "lossy.png"):
+        _write_photo(root / name)  # 40 wide, 60 tall
+    Image.fromarray(np.full((64, 64), 255, np.uint8)).save(root / "square_mask.png")  # a parser's fixed 64x64
+    _upright_mask().resize((80, 120)).save(root / "scaled_mask.png")  # only scaled: fine
+    _upright_mask().save(root / "upper_MASK.PNG")  # another case: still its mask
+    _upright_mask().convert("RGB").save(root / "lossy_mask.jpg")  # JPEG noise would turn background into face
+    _phone_and_twin(root / "phone")
+    _upright_mask().transpose(Image.Transpose.ROTATE_90).save(root / "phone" / "phone_mask.png")  # pre-EXIF-turn
+    with caplog.at_level(logging.WARNING, logger="trainer.data"):
+        photos = load_face_images(root, 32, tmp_path / "ids.safetensors", BoxAnalyzer, tmp_path / "no_face.txt")
+    assert sorted(p.name for p in photos.paths) == ["lossy.png", "phone.jpg", "scaled.png", "square.png", "twin.png",
+                                                    "upper.png"]
+    assert sorted(path.name for path in photos.mask_files.values()) == ["scaled_mask.png", "upper_MASK.PNG"]
+    warned = " ".join(r.getMessage() for r in caplog.records)
+    assert "square_mask.png: it is 64x64 upright and its photo 40x60, another shape" in warned
+    assert "phone_mask.png: it is 60x40 upright and its photo 40x60" in warned
+    assert "lossy_mask.jpg is not a PNG" in warned
+    by_name = {p.name: i for i, p in enumerate(photos.paths)}
+    assert torch.equal(photos.load(by_name["scaled.png"])[1], photos.load(by_name["upper.png"])[1])
+
+
+def test_class_words_are_read_at_the_start_bom_and_all(tmp_path):
+    """Read once, when the photos load: a class.txt that is not UTF-8 stops the start, not step 50 000."""
+    root = tmp_path / "faces"
+    paths = [_write_photo(root / "ann" / "1.png"), _write_photo(root / "bob" / "1.png")]
+    (root / "ann" / "class.txt").write_bytes("\ufeff  old   woman \n".encode("utf-8"))  # Notepad's UTF-8
+    (root / "bob" / "class.txt").write_bytes("ni\xf1o\n".encode("cp1252"))
+    with pytest.raises(ConfigError, match=r"bob.class\.txt is not UTF-8 text"):
+        FaceImages(root, paths, torch.zeros(2, 512), image_size=32)
+    (root / "bob" / "class.txt").write_text("niño\n", encoding="utf-8")
+    photos = FaceImages(root, paths, torch.zeros(2, 512), image_size=32)
+    assert [photos.class_word(0), photos.class_word(1)] == ["old woman", "niño"]

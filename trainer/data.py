@@ -1,12 +1,14 @@
 """Training images: a folder tree of face photos, their optional masks, and their cached ArcFace vectors.
 
-A photo ``x.jpg`` may have ``x_mask.png`` beside it (foreground = nonzero, e.g. BiSeNet parsing
+A photo ``x.jpg`` may have ``x_mask.png`` beside it (any case; foreground = nonzero, e.g. BiSeNet parsing
 label != 0). Photos without a detectable face are logged, listed in ``<output>/no_face.txt`` and
-skipped; a folder with none at all is an error. A mask file that cannot be read is found at startup
-and ignored with a warning (the photo trains with the fallback mask, as if it had none), so it cannot
-stop a run hours in. Photos and masks are turned upright by their EXIF orientation, like face analysis
+skipped; a folder with none at all is an error. A mask file that cannot be read, is not a PNG (JPEG noise
+would turn background into face) or has another shape than its photo is found at startup and ignored with
+a warning (the photo trains with the fallback mask, as if it had none), so it cannot stop a run or
+misplace a face hours in. Photos and masks are turned upright by their EXIF orientation, like face analysis
 does, so pixels, ID vector and detector box all describe the same upright face. ArcFace vectors are computed once and cached in a
-safetensors file keyed by relative path + size + mtime, so a changed or added photo is redone alone.
+safetensors file keyed by relative path + size + mtime, so a changed or added photo is redone alone; the
+cache records which face models made it, and one made by others is not used.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ from adaface_core.image_io import to_rgb_uint8
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
-MASK_SUFFIX = "_mask.png"
+MASK_STEM_SUFFIX = "_mask"
+MASK_SUFFIX = MASK_STEM_SUFFIX + ".png"
 CLASS_FILE = "class.txt"
 """Subject metadata: a folder's class word ('man', 'woman', 'girl'...) for stage 2's class prompts."""
 _QUARTER_TURNS = (5, 6, 7, 8)
@@ -46,24 +49,41 @@ def scan_images(root: Path) -> list[Path]:
         raise ModelFileMissingError(f"training image folder not found: {root}")
     images = sorted(
         p for p in root.rglob("*")
-        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.lower().endswith(MASK_SUFFIX)
+        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not is_mask_file(p)
     )
     if not images:
         raise ConfigError(f"no training images (jpg/png/webp) under {root}")
     return images
 
 
+def is_mask_file(path: Path) -> bool:
+    """``x_mask.png`` (any case, any image type): a mask, never a training photo."""
+    return path.stem.lower().endswith(MASK_STEM_SUFFIX)
+
+
 def mask_path(image: Path) -> Path:
     return image.with_name(image.stem + MASK_SUFFIX)
+
+
+def _upright(img: Image.Image, size: tuple[int, int]) -> tuple[int, int]:
+    turned = img.getexif().get(ExifTags.Base.Orientation, 1) in _QUARTER_TURNS
+    return (size[1], size[0]) if turned else size
 
 
 def upright_size(image: Path) -> tuple[int, int]:
     """``(width, height)`` of the photo as face analysis sees it (EXIF-rotated); cheap: only a PNG without
     EXIF in its header is decoded (PIL looks for EXIF stored after the pixels)."""
     with Image.open(image) as img:
-        width, height = img.size
-        turned = img.getexif().get(ExifTags.Base.Orientation, 1) in _QUARTER_TURNS
-    return (height, width) if turned else (width, height)
+        return _upright(img, img.size)
+
+
+def header_upright_size(image: Path) -> tuple[int, int]:
+    """``upright_size`` from the file's header only: a PNG's EXIF stored after its pixels is not looked for.
+    Why: the startup check of every masked photo must not decode 400k PNGs."""
+    with Image.open(image) as img:
+        if img.format == "PNG" and "exif" not in img.info:
+            return img.size
+        return _upright(img, img.size)
 
 
 def read_mask(mask_file: Path) -> Image.Image:
@@ -72,31 +92,59 @@ def read_mask(mask_file: Path) -> Image.Image:
         return ImageOps.exif_transpose(img).convert("L")
 
 
+class _FolderNames:
+    """Each folder's files by lower-case name, listed once: masks are matched whatever their case."""
+
+    def __init__(self) -> None:
+        self._folders: dict[Path, dict[str, Path]] = {}
+
+    def get(self, folder: Path, name: str) -> Optional[Path]:
+        if folder not in self._folders:
+            self._folders[folder] = {child.name.lower(): child for child in folder.iterdir() if child.is_file()}
+        return self._folders[folder].get(name.lower())
+
+
 def find_mask_files(images: Sequence[Path]) -> dict[int, Path]:
-    """The readable mask file of each photo that has one, by index; an unreadable one is reported and left out.
+    """The usable mask file of each photo that has one, by index; an unusable one is reported and left out.
 
     Why at startup: a photo is first drawn at a random step, possibly hours in, where a bad mask file
-    would otherwise crash the run. Left out, its photo gets the fallback mask like a photo without one.
+    would otherwise crash the run or put the face elsewhere. Left out, its photo gets the fallback mask
+    like a photo without one.
     """
     found: dict[int, Path] = {}
+    names = _FolderNames()
     for index, image in enumerate(images):
-        candidate = mask_path(image)
-        if candidate.is_file() and _mask_is_readable(candidate):
+        candidate = names.get(image.parent, image.stem + MASK_SUFFIX)
+        if candidate is None:
+            for suffix in IMAGE_SUFFIXES:
+                other = names.get(image.parent, image.stem + MASK_STEM_SUFFIX + suffix)
+                if other is not None:
+                    logger.warning("mask file %s is not a PNG (lossy compression turns background into face): "
+                                   "ignored; its photo uses the fallback mask", other)
+            continue
+        problem = _mask_problem(candidate, image)
+        if problem is None:
             found[index] = candidate
+        else:
+            logger.warning("mask file %s: %s; its photo uses the fallback mask, as if it had none", candidate, problem)
     return found
 
 
-def _mask_is_readable(mask_file: Path) -> bool:
-    """Checks the file's structure and checksums without decoding its pixels (PIL's ``verify``): about 25x
-    cheaper than reading it (0.06 vs 1.4 ms at 512x512 here), which matters for 400k masks at every start."""
+def _mask_problem(mask_file: Path, photo: Path) -> Optional[str]:
+    """Why the mask cannot be used, or None. Checks the file's structure and checksums without decoding its
+    pixels (PIL's ``verify``, about 25x cheaper than reading it: 0.06 vs 1.4 ms at 512x512 here, which matters
+    for 400k masks at every start), and that its upright shape is the photo's (a mask only scaled is fine)."""
     try:
         with Image.open(mask_file) as img:
-            img.verify()
+            img.verify()  # PIL: only directly after opening
+        width, height = header_upright_size(mask_file)
+        photo_width, photo_height = header_upright_size(photo)
     except _UNREADABLE as exc:
-        logger.warning("cannot read mask file %s (%s): its photo uses the fallback mask, as if it had none",
-                       mask_file, exc)
-        return False
-    return True
+        return f"cannot read it ({exc})"
+    if abs(width * photo_height - height * photo_width) > 0.02 * max(width * photo_height, height * photo_width):
+        return (f"it is {width}x{height} upright and its photo {photo_width}x{photo_height}, another shape, so its "
+                "pixels would not line up with the photo's (made before an EXIF turn, or by a parser's fixed size?)")
+    return None
 
 
 def image_key(root: Path, image: Path) -> str:
@@ -105,37 +153,51 @@ def image_key(root: Path, image: Path) -> str:
     return f"{image.relative_to(root).as_posix()}|{stat.st_size}|{stat.st_mtime_ns}"
 
 
+def _read_id_cache(cache_file: Path, face_models: str) -> tuple[dict[str, torch.Tensor], set[str], set[str]]:
+    """(vectors by key, keys without a face, unreadable keys) of the cache, empty when it is missing, damaged
+    or made by other face models (another pack's vectors, of another size or space, must not train)."""
+    if not cache_file.is_file():
+        return {}, set(), set()
+    try:
+        with safe_open(str(cache_file), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            keys = json.loads(metadata.get("keys", "[]"))
+            vectors = handle.get_tensor("vectors") if keys else None
+    except Exception as exc:  # a damaged cache is recomputed, never fatal
+        logger.warning("ignoring unreadable face-ID cache %s (%s)", cache_file, exc)
+        return {}, set(), set()
+    if metadata.get("face_models", "") != face_models:
+        logger.info("the face-ID cache %s was made with other face models: the photos are analysed again", cache_file)
+        return {}, set(), set()
+    return ({k: vectors[i] for i, k in enumerate(keys)}, set(json.loads(metadata.get("no_face", "[]"))),
+            set(json.loads(metadata.get("unreadable", "[]"))))
+
+
 def compute_face_ids(
     root: Path,
     images: Sequence[Path],
     cache_file: Path,
     analyzer_factory,
     skipped_file: Optional[Path] = None,
+    face_models: str = "",
 ) -> tuple[list[Path], torch.Tensor]:
     """ArcFace unit vectors of ``images`` (cached); returns the photos with a face and their ``[M, D]`` vectors.
 
     ``analyzer_factory()`` builds the face analyser, only when some photo is not cached yet.
+    ``face_models`` identifies the analyser's models (``FacePackFiles.fingerprint``): a cache made by
+    others is not used. Photos without a face and unreadable ones are cached as such too (retried once
+    the file changes), so a restart or another process does not load the face models for them.
     """
     from adaface_core.errors import NoFaceError
 
-    cached: dict[str, torch.Tensor] = {}
-    no_face_cached: set[str] = set()
-    if cache_file.is_file():
-        try:
-            with safe_open(str(cache_file), framework="pt") as handle:
-                keys = json.loads((handle.metadata() or {}).get("keys", "[]"))
-                no_face_cached = set(json.loads((handle.metadata() or {}).get("no_face", "[]")))
-                vectors = handle.get_tensor("vectors") if keys else None
-            cached = {k: vectors[i] for i, k in enumerate(keys)}
-        except Exception as exc:  # a damaged cache is recomputed, never fatal
-            logger.warning("ignoring unreadable face-ID cache %s (%s)", cache_file, exc)
+    cached, no_face_cached, unreadable_cached = _read_id_cache(cache_file, face_models)
     analyzer = None
-    kept, vectors, skipped, keys, no_face = [], [], [], [], []
+    kept, vectors, skipped, keys, no_face, unreadable = [], [], [], [], [], []
     for image in images:
         key = image_key(root, image)
-        if key in no_face_cached:
+        if key in no_face_cached or key in unreadable_cached:
             skipped.append(image)
-            no_face.append(key)
+            (no_face if key in no_face_cached else unreadable).append(key)
             continue
         if key not in cached:
             if analyzer is None:
@@ -150,12 +212,13 @@ def compute_face_ids(
             except Exception as exc:  # unreadable image: skipped and reported like a faceless one
                 logger.warning("cannot read %s: %s", image, exc)
                 skipped.append(image)
+                unreadable.append(key)
                 continue
         kept.append(image)
         keys.append(key)
         vectors.append(cached[key])
     if skipped:
-        logger.warning("%d image(s) without a detectable face are skipped%s", len(skipped),
+        logger.warning("%d image(s) without a detectable face (or unreadable) are skipped%s", len(skipped),
                        f" (listed in {skipped_file})" if skipped_file else "")
         for image in skipped[:20]:
             logger.warning("  no face: %s", image)
@@ -167,7 +230,8 @@ def compute_face_ids(
     stacked = torch.stack(vectors).float()
     if analyzer is not None or not cache_file.is_file():
         atomic_save_safetensors({"vectors": stacked}, cache_file,
-                                {"keys": json.dumps(keys), "no_face": json.dumps(no_face)})
+                                {"keys": json.dumps(keys), "no_face": json.dumps(no_face),
+                                 "unreadable": json.dumps(unreadable), "face_models": face_models})
     logger.info("%d training faces (%d skipped), ArcFace vectors cached in %s", len(kept), len(skipped), cache_file)
     return kept, stacked
 
@@ -188,6 +252,8 @@ class FaceImages:
 
     def __post_init__(self) -> None:
         self.mask_files = find_mask_files(self.paths)
+        for index in range(len(self.paths)):  # every class.txt read now: a bad one fails the start, not hour 5
+            self.class_word(index)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -224,9 +290,14 @@ class FaceImages:
 
 
 def _read_class_word(file: Path) -> Optional[str]:
+    """The first non-empty line, in UTF-8 (a BOM, as Notepad writes, is not part of the word)."""
     if not file.is_file():
         return None
-    lines = [line.strip() for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:
+        text = file.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{file} is not UTF-8 text ({exc}); save it as UTF-8") from exc
+    lines = [" ".join(line.split()) for line in text.splitlines() if line.strip()]
     return lines[0] if lines else None
 
 
@@ -243,7 +314,7 @@ def downsample_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 def load_face_images(root: Path, image_size: int, cache_file: Path, analyzer_factory,
-                     skipped_file: Optional[Path]) -> FaceImages:
+                     skipped_file: Optional[Path], face_models: str = "") -> FaceImages:
     images = scan_images(root)
-    kept, vectors = compute_face_ids(Path(root), images, cache_file, analyzer_factory, skipped_file)
+    kept, vectors = compute_face_ids(Path(root), images, cache_file, analyzer_factory, skipped_file, face_models)
     return FaceImages(Path(root), kept, vectors, image_size)

@@ -36,7 +36,7 @@ from .losses_composition import CompositionLossWeights, composition_step, prompt
 from .losses_face import FaceDistillationLoss, FaceStage
 from .models import Models
 from .prompt_cache import FrozenPromptCache
-from .stages import build_face_space, face_analyzer_factory, vae_downsampling
+from .stages import build_face_space, face_analyzer_factory, face_models_fingerprint, vae_downsampling
 
 logger = logging.getLogger(__name__)
 
@@ -213,7 +213,8 @@ def build_stage(config: TrainConfig, stage_config: StageConfig, models: Models, 
     face_space = build_face_space(config, models, accelerator, output, settings.random_id_prob)
     if face_space.images is not None and config.models.face_pack:
         with accelerator.main_process_first():  # process 0 runs the detector and caches; the others read the cache
-            attach_detector_masks(face_space.images, face_analyzer_factory(config), output / "face_boxes.json")
+            attach_detector_masks(face_space.images, face_analyzer_factory(config), output / "face_boxes.json",
+                                  face_models_fingerprint(config))
     pool, heldout_pool = split_pool(load_composition_pool(settings.composition_files), settings.heldout_compositions)
     latent = config.data.image_size // vae_downsampling(models)
     face_loss = FaceDistillationLoss(config.face.loss, latent)

@@ -48,6 +48,13 @@ def face_analyzer_factory(config: TrainConfig) -> Callable[[], object]:
     return factory
 
 
+def face_models_fingerprint(config: TrainConfig) -> str:
+    """The face pack's models (``FacePackFiles.fingerprint``), recorded in the trainer's face caches."""
+    from adaface_core.face_pack import resolve_face_pack
+
+    return resolve_face_pack(config.models.face_pack).fingerprint
+
+
 def build_face_space(config: TrainConfig, models: Models, accelerator, output: Path,
                      random_id_prob: Optional[float] = None) -> FaceSpace:
     """Real photos' IDs (process 0 computes and caches them first) and random IDs with ``random_id_prob``
@@ -62,7 +69,8 @@ def build_face_space(config: TrainConfig, models: Models, accelerator, output: P
         analyzer_factory = face_analyzer_factory(config)
         with accelerator.main_process_first():  # process 0 computes and caches; the others read the cache
             skipped = output / "no_face.txt" if accelerator.is_main_process else None
-            images = load_face_images(Path(data.root), data.image_size, cache, analyzer_factory, skipped)
+            images = load_face_images(Path(data.root), data.image_size, cache, analyzer_factory, skipped,
+                                      face_models_fingerprint(config))
     else:
         logger.info("no data.root: training on random IDs only (the teacher makes its own images)")
     prob = data.random_id_prob if random_id_prob is None else random_id_prob
