@@ -61,10 +61,6 @@ def is_mask_file(path: Path) -> bool:
     return path.stem.lower().endswith(MASK_STEM_SUFFIX)
 
 
-def mask_path(image: Path) -> Path:
-    return image.with_name(image.stem + MASK_SUFFIX)
-
-
 def _upright(img: Image.Image, size: tuple[int, int]) -> tuple[int, int]:
     turned = img.getexif().get(ExifTags.Base.Orientation, 1) in _QUARTER_TURNS
     return (size[1], size[0]) if turned else size
