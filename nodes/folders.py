@@ -125,17 +125,21 @@ def face_pack_folder(name: str) -> Path:
     )
 
 
-def model_files_state(inverter: str, arc2face: str, face_models: str) -> str:
+def model_files_state(inverter: str | None, arc2face: str | None, face_models: str | None) -> str:
     """Name, size and modification time of every file the loader reads for these choices.
 
     Why: ComfyUI reuses a node's output while its inputs stay the same, so without this a retrained
     inverter saved under the old name, or ``arcface.onnx`` dropped into the face pack, would go
     unnoticed until ComfyUI restarts. Missing choices count as their own state (the loader's
-    validation names them).
+    validation names them); a name linked from another node (None here) too: a new name there is
+    a new input, which makes ComfyUI rerun the loader anyway.
     """
     parts = []
     for find, value, folders_within in ((inverter_path, inverter, ()), (arc2face_folder, arc2face, ("encoder", "arc2face")),
                                          (face_pack_folder, face_models, ("",))):
+        if not isinstance(value, str):
+            parts.append("linked")
+            continue
         try:
             found = find(value)
         except ModelFileMissingError:

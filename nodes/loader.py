@@ -91,16 +91,19 @@ class AdaFaceLoader:
         }
 
     @classmethod
-    def VALIDATE_INPUTS(cls, inverter: str, arc2face: str, face_models: str) -> bool | str:
+    def VALIDATE_INPUTS(cls, inverter: str | None, arc2face: str | None, face_models: str | None) -> bool | str:
         """Says which files are missing and where they go, before the run starts.
 
         Declaring the three dropdowns here replaces ComfyUI's own check, which would only say
         "value not in list" for a workflow whose models this install does not have yet. ComfyUI shows
         the one message under each of the three inputs, so it names every missing model at once.
+        A name linked from another node arrives as None (not known yet); ``load`` checks it when it runs.
         """
         problems = []
         for find, value in ((folders.inverter_path, inverter), (folders.arc2face_folder, arc2face),
                             (folders.face_pack_folder, face_models)):
+            if not isinstance(value, str):
+                continue
             try:
                 find(value)
             except ModelFileMissingError as missing:
@@ -108,7 +111,7 @@ class AdaFaceLoader:
         return "; ".join(problems) if problems else True
 
     @classmethod
-    def IS_CHANGED(cls, inverter: str, arc2face: str, face_models: str, provider: str) -> str:
+    def IS_CHANGED(cls, inverter: str | None, arc2face: str | None, face_models: str | None, provider: str | None) -> str:
         """Reloads when a model file under the chosen names is replaced (same name, new contents)."""
         return folders.model_files_state(inverter, arc2face, face_models)
 

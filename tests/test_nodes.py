@@ -151,6 +151,20 @@ def test_loader_reruns_when_a_model_file_is_replaced_under_its_name(env):
     assert "missing" in loader.IS_CHANGED("missing.safetensors", ARC2FACE, FACES, "auto")
 
 
+@pytest.mark.parametrize("field", ["inverter", "arc2face", "face_models"])
+def test_a_model_name_from_a_link_passes_validation_and_keeps_the_cached_models(env, field):
+    """A name linked from another node reaches validation and IS_CHANGED as None (ComfyUI has no value yet):
+    it must not fail the prompt, nor make every queue reload the models; the name is checked when the node runs."""
+    loader = env.pack.NODE_CLASS_MAPPINGS["AdaFaceLoader"]
+    linked = {"inverter": INVERTER, "arc2face": ARC2FACE, "face_models": FACES} | {field: None}
+    assert loader.VALIDATE_INPUTS(**linked) is True
+    state = loader.IS_CHANGED(**linked, provider="auto")
+    assert isinstance(state, str) and state == loader.IS_CHANGED(**linked, provider="auto")
+    other = next(name for name in linked if name != field)  # the widgets beside the link are still checked
+    missing = {"inverter": "missing.safetensors", "arc2face": "not_there", "face_models": "buffalo_l"}[other]
+    assert missing in loader.VALIDATE_INPUTS(**(linked | {other: missing}))
+
+
 def test_auto_face_provider_follows_comfyuis_device(env):
     onnx_provider = env.module("nodes.loader").onnx_provider
     assert onnx_provider("auto", torch.device("cpu")) == "cpu"  # python main.py --cpu
