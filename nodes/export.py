@@ -23,7 +23,7 @@ class AdaFaceSaveEmbedding:
     OUTPUT_NODE = True
     RETURN_TYPES = ("STRING",)
     RETURN_NAMES = ("prompt_word",)
-    OUTPUT_TOOLTIPS = ("The text to write in a prompt, 'embedding:NAME'.",)
+    OUTPUT_TOOLTIPS = ("The text to write in a prompt, 'embedding:NAME' (link it to Preview Any to read it).",)
     FUNCTION = "save"
 
     @classmethod
@@ -37,7 +37,7 @@ class AdaFaceSaveEmbedding:
             }
         }
 
-    def save(self, subject: SubjectEmbedding, name: str, id_strength: float, overwrite: bool) -> dict:
+    def save(self, subject: SubjectEmbedding, name: str, id_strength: float, overwrite: bool) -> tuple[str]:
         file_name = embedding_file_name(name.strip())
         existing = folders.existing_embedding(file_name)
         if existing is not None and not overwrite:
@@ -47,7 +47,7 @@ class AdaFaceSaveEmbedding:
         save_textual_inversion(subject.scaled_tokens(id_strength), path, metadata)
         word = f"embedding:{file_name[: -len('.safetensors')]}"
         logger.info("saved the subject as %s; use it in a prompt as %s", path, word)
-        return {"ui": {"text": [word]}, "result": (word,)}
+        return (word,)
 
 
 class AdaFaceMixSubjects:

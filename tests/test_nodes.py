@@ -318,7 +318,7 @@ def test_only_sd15_clips_of_the_subject_width_are_accepted(env, clip, subject):
 def test_saved_embedding_loads_back_and_is_not_overwritten_by_accident(env, subject):
     node = env.node("AdaFaceSaveEmbedding")
     out = node.save(subject, "alice", 1.0, False)
-    assert out["result"] == ("embedding:alice",) and out["ui"]["text"] == ["embedding:alice"]
+    assert out == ("embedding:alice",)
     path = env.models / "embeddings" / "alice.safetensors"
     load = env.core("textual_inversion", "load_textual_inversion")
     torch.testing.assert_close(load(path), subject.tokens)
