@@ -12,7 +12,7 @@ import os
 import secrets
 import stat
 from pathlib import Path
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -70,16 +70,15 @@ def _new_file_beside(path: Path) -> Path:
     raise FileExistsError(f"cannot create a temporary file beside {path}")
 
 
-def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Union[str, Path], metadata: dict[str, str]) -> Path:
-    """Writes to a temporary file in the same folder, flushes it, then renames: a crash never leaves half a file."""
-    path = Path(path)
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
+    """Runs ``write`` on a temporary file beside ``path``, flushes it, then renames it over ``path``:
+    a crash leaves the old file or the new one, never half of one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     tmp = _new_file_beside(path)
     try:
         mode = stat.S_IMODE(tmp.stat().st_mode)  # what the umask gives a new file here
-        save_file(tensors, str(tmp), metadata=metadata)  # writes a file of its own, 0600
-        os.chmod(tmp, mode)
+        write(tmp)
+        os.chmod(tmp, mode)  # safetensors writes a file of its own, 0600
         fsync_file(tmp)
         os.replace(tmp, path)
         fsync_dir(path.parent)
@@ -87,6 +86,17 @@ def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Union[str, P
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Union[str, Path], metadata: dict[str, str]) -> Path:
+    """Saves a safetensors file that is either complete or absent, even after a crash mid-write."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    return _atomic_write(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+
+
+def atomic_write_text(path: Union[str, Path], text: str) -> Path:
+    """Writes UTF-8 text (line ends as given) that is either complete or absent, even after a crash mid-write."""
+    return _atomic_write(Path(path), lambda tmp: tmp.write_text(text, encoding="utf-8", newline=""))
 
 
 def save_inverter(

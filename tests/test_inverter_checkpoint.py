@@ -11,7 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from adaface_core.arc2face import Arc2FaceEncoder
-from adaface_core.checkpoint import load_inverter, save_inverter
+from adaface_core.checkpoint import atomic_write_text, load_inverter, save_inverter
 from adaface_core.errors import CheckpointError, ConfigError, ModelFileMissingError
 from adaface_core.inverter import reference_template_ids
 from adaface_core.textual_inversion import embedding_file_name, load_textual_inversion, save_textual_inversion
@@ -241,3 +241,13 @@ def test_saved_files_get_the_usual_permissions_not_private_ones(tmp_path, tiny_m
         assert [p.name for p in tmp_path.iterdir()] == ["inverter.safetensors"]  # no temporary file left
     finally:
         os.umask(previous)
+
+
+def test_a_text_file_is_replaced_whole_or_not_at_all(tmp_path):
+    """The trainer's loss logs and face-box cache: a failed write keeps the old file and leaves no temporary one."""
+    path = atomic_write_text(tmp_path / "losses.csv", "step,loss\r\n1,0.5\r\n")
+    assert path.read_bytes() == b"step,loss\r\n1,0.5\r\n"  # line ends as the csv module wrote them, on any OS
+    with pytest.raises(UnicodeEncodeError):
+        atomic_write_text(path, "step,loss\r\n2,\ud800\r\n")
+    assert path.read_bytes() == b"step,loss\r\n1,0.5\r\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["losses.csv"]

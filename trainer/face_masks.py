@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import numpy as np
+
+from adaface_core.checkpoint import atomic_write_text
 
 from .data import FaceImages, image_key, upright_size
 
@@ -63,10 +64,7 @@ def _read_boxes(cache_file: Path, face_models: str) -> dict:
 
 
 def _write_boxes(cache_file: Path, boxes: dict, face_models: str) -> None:
-    cache_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache_file.with_name(cache_file.name + ".tmp")
-    tmp.write_text(json.dumps({"face_models": face_models, "boxes": boxes}), encoding="utf-8")
-    os.replace(tmp, cache_file)  # a kill leaves the old file or the new one, never half of one
+    atomic_write_text(cache_file, json.dumps({"face_models": face_models, "boxes": boxes}))
 
 
 def attach_detector_masks(images: FaceImages, analyzer_factory: Callable[[], object], cache_file: Path,

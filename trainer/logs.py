@@ -4,13 +4,15 @@ loss-curve PNG at the end when matplotlib is installed; stage 2's held-out repor
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
 from typing import Optional
+
+from adaface_core.checkpoint import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -57,10 +59,9 @@ def _read_rows(path: Path, max_step: Optional[int] = None) -> list[list[str]]:
 
 def _write_csv(path: Path, rows: list[list[str]]) -> None:
     """Replaces ``path`` in one rename: a kill leaves the old file or the new one, never half of one."""
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", newline="", encoding="utf-8") as handle:
-        csv.writer(handle).writerows(rows)
-    os.replace(tmp, path)
+    text = io.StringIO(newline="")
+    csv.writer(text).writerows(rows)
+    atomic_write_text(path, text.getvalue())
 
 
 def carry_logs(source_stage_dir: Path, stage_dir: Path, step: int) -> None:
