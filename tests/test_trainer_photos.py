@@ -143,6 +143,21 @@ def test_masks_of_another_shape_name_or_type_are_not_misused(tmp_path, caplog):
     assert torch.equal(photos.load(by_name["scaled.png"])[1], photos.load(by_name["upper.png"])[1])
 
 
+def test_a_mask_two_photos_could_own_is_used_for_neither(tmp_path, caplog):
+    """``c.png`` and ``c.jpg`` would both read ``c_mask.png``: which photo it was made for cannot be known."""
+    root = tmp_path / "faces"
+    for name in ("c.png", "C.jpg", "solo.png"):
+        _write_photo(root / name)
+    _upright_mask().save(root / "c_mask.png")
+    _upright_mask().save(root / "solo_mask.png")
+    with caplog.at_level(logging.WARNING, logger="trainer.data"):
+        photos = load_face_images(root, 32, tmp_path / "ids.safetensors", BoxAnalyzer, tmp_path / "no_face.txt")
+    assert sorted(p.name for p in photos.paths) == ["C.jpg", "c.png", "solo.png"]  # no photo is dropped
+    assert [path.name for path in photos.mask_files.values()] == ["solo_mask.png"]
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 1 and "c_mask.png would fit C.jpg and c.png alike" in warned[0]
+
+
 def test_class_words_are_read_at_the_start_bom_and_all(tmp_path):
     """Read once, when the photos load: a class.txt that is not UTF-8 stops the start, not step 50 000."""
     root = tmp_path / "faces"

@@ -3,7 +3,8 @@
 A photo ``x.jpg`` may have ``x_mask.png`` beside it (any case; foreground = nonzero, e.g. BiSeNet parsing
 label != 0). Photos without a detectable face are logged, listed in ``<output>/no_face.txt`` and
 skipped; a folder with none at all is an error. A mask file that cannot be read, is not a PNG (JPEG noise
-would turn background into face) or has another shape than its photo is found at startup and ignored with
+would turn background into face), has another shape than its photo or would fit two photos (``c.png`` and
+``c.jpg``) is found at startup and ignored with
 a warning (the photo trains with the fallback mask, as if it had none), so it cannot stop a run or
 misplace a face hours in. Photos and masks are turned upright by their EXIF orientation, like face analysis
 does, so pixels, ID vector and detector box all describe the same upright face. ArcFace vectors are computed once and cached in a
@@ -109,8 +110,17 @@ def find_mask_files(images: Sequence[Path]) -> dict[int, Path]:
     """
     found: dict[int, Path] = {}
     names = _FolderNames()
+    namesakes: dict[tuple[Path, str], list[Path]] = {}
+    for image in images:
+        namesakes.setdefault((image.parent, image.stem.lower()), []).append(image)
     for index, image in enumerate(images):
         candidate = names.get(image.parent, image.stem + MASK_SUFFIX)
+        sharing = namesakes[(image.parent, image.stem.lower())]
+        if candidate is not None and len(sharing) > 1:
+            if image == sharing[0]:
+                logger.warning("mask file %s would fit %s alike: ignored for them all (they use the fallback mask); "
+                               "rename the photos so each mask has one", candidate, " and ".join(p.name for p in sharing))
+            continue
         if candidate is None:
             for suffix in IMAGE_SUFFIXES:
                 other = names.get(image.parent, image.stem + MASK_STEM_SUFFIX + suffix)
