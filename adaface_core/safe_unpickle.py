@@ -26,10 +26,11 @@ from .errors import CheckpointError, ModelFileMissingError, UnsafePickleError
 
 logger = logging.getLogger(__name__)
 
-# Classes and functions under these modules are recorded, never imported or called.
+# Classes and functions under these modules are recorded, never imported or called. ``ftfy``: the
+# pickled CLIPTokenizer of transformers 4.x holds ``ftfy.fix_text`` wherever ftfy was installed.
 INERT_PREFIXES = (
     "adaface", "ldm", "transformers", "tokenizers", "diffusers", "torch.nn.modules",
-    "regex", "re", "omegaconf", "einops", "numpy", "pathlib", "enum",
+    "regex", "re", "omegaconf", "einops", "numpy", "pathlib", "enum", "ftfy",
 )
 _MISSING = object()
 

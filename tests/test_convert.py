@@ -60,10 +60,18 @@ class CLIPTextConfig:
         self.__dict__.update(values)
 
 
+def fix_text(text):
+    return text
+
+
+fix_text.__module__ = "ftfy"  # transformers 4.x's CLIPTokenizer keeps ftfy.fix_text where ftfy is installed
+
+
 @_home(f"{_CLIP}.tokenization_clip")
 class CLIPTokenizer:
     def __init__(self):
         self.encoder = {"photo</w>": 1125, "of</w>": 539, "a</w>": 320, ",</w>": 267}
+        self.fix_text = fix_text  # pickled as a reference to the function ftfy.fix_text
         self.bpe_ranks = {("p", "h"): 0}
         self.pat = re.compile(r"<\|startoftext\|>|\w+", re.IGNORECASE)  # pickled as a call to re._compile
         self.model_max_length = 77
@@ -136,13 +144,14 @@ class CLIPTextTransformer(nn.Module):
         self.final_layer_norm = nn.LayerNorm(config.hidden_size)
 
 
-_FAKE_TRANSFORMERS = {
+_FAKE_LIBRARIES = {
     f"{_CLIP}.configuration_clip": [CLIPTextConfig],
     f"{_CLIP}.tokenization_clip": [CLIPTokenizer],
     f"{_CLIP}.modeling_clip": [
         CLIPAttention, CLIPMLP, CLIPEncoderLayer, CLIPEncoder, CLIPTextEmbeddings, CLIPTextTransformer
     ],
     "transformers.activations": [QuickGELUActivation],
+    "ftfy": [fix_text],
 }
 
 # ---- the adaface package, as files (reference arithmetic, our own code) ----
@@ -227,20 +236,20 @@ class SubjBasisGenerator(nn.Module):
 
 @contextlib.contextmanager
 def official_modules(root: Path):
-    """``adaface.*`` and ``transformers.*`` importable under the official paths, then forgotten again."""
+    """``adaface.*``, ``transformers.*`` and ``ftfy`` importable under the official paths, then forgotten again."""
     package = root / "adaface"
     package.mkdir(parents=True, exist_ok=True)
     (package / "__init__.py").write_text("")
     (package / "arc2face_models.py").write_text(textwrap.dedent(_ARC2FACE_MODELS))
     (package / "subj_basis_generator.py").write_text(textwrap.dedent(_SUBJ_BASIS_GENERATOR))
-    names = ["transformers", "transformers.models", _CLIP, *_FAKE_TRANSFORMERS]
+    names = ["transformers", "transformers.models", _CLIP, *_FAKE_LIBRARIES]
     saved = {name: sys.modules.get(name) for name in names}
     sys.path.insert(0, str(root))
     importlib.invalidate_caches()
     try:
         for name in names:
             module = sys.modules[name] = types.ModuleType(name)
-            for cls in _FAKE_TRANSFORMERS.get(name, []):
+            for cls in _FAKE_LIBRARIES.get(name, []):
                 setattr(module, cls.__name__, cls)
         yield
     finally:
