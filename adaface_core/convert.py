@@ -298,7 +298,7 @@ def convert_official_checkpoint(
     os.replace(staged, dst)  # only now does an existing file give way
     fsync_dir(dst.parent)
     report = ConversionReport(
-        source=str(src), destination=str(dst), subject=subject, generator=f"{path} ({generator.class_path})",
+        source=str(src), destination=str(dst.resolve()), subject=subject, generator=f"{path} ({generator.class_path})",
         num_tokens=num_tokens, attention_multipliers=multipliers, hidden_state_layer_weights=layer_weights.tolist(),
         clip=config.to_dict(), source_dtype=str(source_dtype).replace("torch.", ""),
         output_dtype=str(out_dtype).replace("torch.", ""), num_tensors=len(state), left_out=left_out, notes=notes,

@@ -484,3 +484,12 @@ def test_cli_subprocess_exit_code_and_stderr(tmp_path):
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("ERROR: conversion failed:") and "system" in lines[0]
+
+
+def test_cli_names_the_full_path_it_wrote(release, tmp_path, monkeypatch, caplog):
+    """A relative destination (``../../models/adaface/...`` from the pack's folder) is reported as the place it
+    landed, so a path that missed ComfyUI's models folder shows at once."""
+    caplog.set_level(logging.INFO)
+    monkeypatch.chdir(tmp_path)
+    assert main([str(release["single"]), "out.safetensors"]) == 0
+    assert f"-> {tmp_path.resolve() / 'out.safetensors'}" in caplog.text
