@@ -6,6 +6,8 @@ from typing import Optional
 
 import torch
 
+from .errors import ConfigError
+
 
 def default_device() -> torch.device:
     """CUDA (also ROCm builds), then Apple MPS, then CPU."""
@@ -14,6 +16,24 @@ def default_device() -> torch.device:
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def chosen_device(name: Optional[str]) -> torch.device:
+    """The device a user named (``--device``), or :func:`default_device`; a name torch does not know, or a
+    backend this torch build or machine lacks, is a :class:`ConfigError` (not a traceback from the first copy)."""
+    if name is None:
+        return default_device()
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"unknown device {name!r}: use cpu, cuda, cuda:1, mps, ...") from None
+    available = {"cuda": torch.cuda.is_available,
+                 "mps": lambda: getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()}
+    if device.type in available and not available[device.type]():
+        raise ConfigError(f"device {name!r} is not available with this torch build on this machine")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"device {name!r} does not exist: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 def inference_dtype(device: torch.device, requested: Optional[str] = None) -> torch.dtype:

@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 import torch
 
 from .cli import run_cli
-from .devices import default_device, inference_dtype
+from .devices import chosen_device, inference_dtype
 from .errors import ConfigError, ModelFileMissingError
 from .face_analysis import FaceAnalyzer
 from .pipeline import SubjectEncoder
@@ -84,11 +84,13 @@ def embed_photos(
     overwrite: bool = False,
 ) -> EmbedResult:
     """Encodes one identity from ``photos`` and writes it to ``out`` (``NAME.safetensors``)."""
+    if out.is_dir():
+        raise ConfigError(f"--out {out} is a folder: give the file to write in it, e.g. {out / 'alice.safetensors'}")
     out = out.with_name(embedding_file_name(out.name))
     if out.exists() and not overwrite:
         raise ConfigError(f"{out} already exists; choose another name or pass --overwrite")
     files = collect_photos(photos)
-    torch_device = default_device() if device is None else torch.device(device)
+    torch_device = chosen_device(device)
     encoder = SubjectEncoder.from_paths(
         inverter,
         arc2face,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -77,6 +78,20 @@ def test_bad_inputs_fail_with_one_clear_line(tmp_path, tiny_models, face_pack, c
     caplog.clear()
     assert main(args(tiny_models, face_pack, tmp_path / "bad name!.safetensors", black)) == 2
     assert "embedding name" in caplog.text
+
+    # A folder as --out would have written "<folder>.safetensors" beside it, outside the embeddings folder.
+    caplog.clear()
+    (tmp_path / "embeddings").mkdir()
+    assert main(args(tiny_models, face_pack, tmp_path / "embeddings", black)) == 2
+    assert "is a folder" in caplog.text and not (tmp_path / "embeddings.safetensors").exists()
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda:99"] + ([] if torch.cuda.is_available() else ["cuda"]))
+def test_a_device_this_machine_lacks_is_one_clear_line(tmp_path, tiny_models, face_pack, caplog, device):
+    photo = write_photos(tmp_path / "p")[0]
+    assert main(args(tiny_models, face_pack, tmp_path / "x.safetensors", photo) + ["--device", device]) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and repr(device) in errors[0]
 
 
 def test_an_inverter_and_encoder_that_do_not_belong_together_is_one_clear_line(tmp_path, tiny_models, face_pack, caplog):
