@@ -5,7 +5,8 @@ by hand with an explicit onnxruntime provider list; insightface's ``FaceAnalysis
 used, since it downloads at run time and guesses providers. The largest face by true box area is
 the subject (the reference code's sort key lacks parentheses). Detection retries at smaller sizes
 and with a black border before reporting "no face", because frame-filling faces and tight crops
-are the usual misses. Several photos of one person average their unit vectors, and a photo without
+are the usual misses; for the same reason a first find of only small faces (a bystander) is checked
+against the other tries. Several photos of one person average their unit vectors, and a photo without
 a face is reported and skipped rather than ending the run.
 """
 
@@ -31,6 +32,10 @@ RETRY_DET_SIZES = (640, 512, 384, 256)
 LARGE_CANVAS_SIDES = (1280, 1920)
 """Canvases for a last try on big photos, where shrinking to ``det_size`` made a real face too small."""
 SMALL_IMAGE_SIDE = 256  # below this, tight crops are framed in a border before the first try
+BYSTANDER_FRACTION = 4
+"""A first hit whose largest face is under 1/4 of the photo's shorter side may be a bystander beside a
+frame-filling face that try missed: the other tries at the detector's sizes run too, and one whose largest
+face is at least twice as big wins."""
 ALIGNED_SIZE = 112
 MIN_FACE_SIDE = 24
 """Shorter box side (original pixels) below which a face is refused: ArcFace cannot tell people apart there."""
@@ -224,35 +229,48 @@ class FaceAnalyzer:
         """The onnxruntime providers the detector session actually runs on."""
         return list(self.detector.session.get_providers())
 
-    def _attempts(self, bgr: np.ndarray) -> Iterator[tuple[DetectionCanvas, tuple[int, int]]]:
-        """The (canvas, detector input size) tries, in order: as given, then with a border, smaller sizes
-        within each; last, for photos shrunk to fit, larger canvases where a small face is big enough to see."""
+    def _attempts(self, bgr: np.ndarray) -> Iterator[tuple[DetectionCanvas, tuple[int, int], bool]]:
+        """The (canvas, detector input size, enlarged) tries, in order: as given, then with a border, smaller
+        sizes within each; last, for photos shrunk to fit, larger canvases where a small face is big enough to see."""
         small = min(bgr.shape[:2]) < SMALL_IMAGE_SIDE
         for pad in (small, not small):
             canvas = detection_canvas(bgr, self.max_side, pad)
             for size in self.det_sizes:
-                yield canvas, size
+                yield canvas, size, False
         longest = max(bgr.shape[:2])
         if self.resizable and longest > self.max_side:
             for side in LARGE_CANVAS_SIDES:
                 canvas = detection_canvas(bgr, side, False)
                 input_side = -(-max(canvas.image.shape[:2]) // 32) * 32  # the detector's largest stride
-                yield canvas, (input_side, input_side)
+                yield canvas, (input_side, input_side), True
                 if side >= longest:
                     break
 
     def _detect(self, bgr: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Boxes ``[n, 4]``, keypoints ``[n, 5, 2]`` (original pixels) and scores ``[n]`` from the first try that finds any."""
-        for attempt, (canvas, size) in enumerate(self._attempts(bgr)):
+        """Boxes ``[n, 4]``, keypoints ``[n, 5, 2]`` (original pixels) and scores ``[n]`` of one try: the first
+        that finds a face, unless that face is small enough to be a bystander (``BYSTANDER_FRACTION``)."""
+        found: Optional[tuple[np.ndarray, np.ndarray, np.ndarray]] = None
+        found_side = 0.0
+        for attempt, (canvas, size, enlarged) in enumerate(self._attempts(bgr)):
+            if found is not None and enlarged:
+                break  # larger canvases only bring out small faces, and one was found
             height, width = canvas.image.shape[:2]
             if min(height, width) * min(size) < max(height, width):
                 continue  # a sliver (e.g. 1x300): the detector's aspect-keeping resize would make a side 0 px
             dets, kps = self.detector.detect(canvas.image, input_size=size, max_num=0)
-            if dets is not None and len(dets) and kps is not None:
+            if dets is None or not len(dets) or kps is None:
+                continue
+            boxes, points = canvas.to_original(dets, kps)
+            side = float(np.sqrt(np.max((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]))))
+            if found is None or side >= 2 * found_side:
                 if attempt:
-                    logger.debug("face found on try %d (canvas %s, det size %s)", attempt + 1, canvas.image.shape[:2], size)
-                boxes, points = canvas.to_original(dets, kps)
-                return boxes, points, dets[:, 4].astype(np.float32)
+                    logger.debug("face of %.0f px taken from try %d (canvas %s, det size %s)", side, attempt + 1,
+                                 canvas.image.shape[:2], size)
+                found, found_side = (boxes, points, dets[:, 4].astype(np.float32)), side
+            if found_side * BYSTANDER_FRACTION >= min(bgr.shape[:2]):
+                break
+        if found is not None:
+            return found
         empty = np.zeros((0,), np.float32)
         return empty.reshape(0, 4), empty.reshape(0, 5, 2), empty
 

@@ -372,6 +372,22 @@ def test_a_small_face_in_a_very_large_photo_is_found(analyzer, faces):
     assert cosine(face.normed_embedding, analyzer.analyze(image).normed_embedding) > 0.7
 
 
+def test_a_bystander_does_not_take_the_place_of_a_frame_filling_face(analyzer, faces):
+    """A close-up fills the frame, which the first try misses, and a small face hangs behind it: the person
+    is the close-up, found on a later try, not the one face the first try saw."""
+    john = np.asarray(Image.open(sorted((faces / "labeled" / "John_Salley").glob("*.jpg"))[0]).convert("RGB"))
+    close_up = np.asarray(Image.fromarray(john).resize((600, 600), Image.BICUBIC))
+    obama = np.asarray(Image.open(faces / "labeled" / "Barack_Obama" / "obama.jpg").convert("RGB"))
+    poster = np.asarray(Image.fromarray(obama[60:460, 330:660]).resize((60, 73), Image.BICUBIC))
+    photo = np.full((600, 800, 3), 128, np.uint8)
+    photo[:, :600] = close_up
+    photo[250:323, 680:740] = poster
+    face = analyzer.analyze(photo, name="selfie.jpg")
+    assert face.bbox[2] - face.bbox[0] > 200  # the close-up's box, not the 60 px poster's
+    assert cosine(face.normed_embedding, analyzer.analyze(john).normed_embedding) > 0.6
+    assert cosine(face.normed_embedding, analyzer.analyze(obama).normed_embedding) < 0.3
+
+
 def test_a_dark_16_bit_photo_keeps_its_depth(faces):
     dark = (grace_hopper(faces).astype(np.uint16) // 4)  # 16-bit values all <= 255: a very dark 16-bit photo
     rgb = to_rgb_uint8(dark, "dark.png")
