@@ -158,6 +158,27 @@ def _pack(units: list[list[Entry]], special: SpecialTokens, length: int, width: 
     ]
 
 
+def _content(chunk: Sequence[Entry], special: SpecialTokens) -> list[Entry]:
+    """A chunk's entries between its start token and its end token."""
+    body = list(chunk[1:])
+    return body[: next((i for i, e in enumerate(body) if _token_id(e) == special.end), len(body))]
+
+
+def _runs(chunks: Sequence[Sequence[Entry]], special: SpecialTokens) -> list[list[int]]:
+    """Chunk indices grouped into runs of continuous text: a chunk filled to the brim continues in the next.
+
+    Why: ComfyUI cuts a long stretch of prompt at exactly 75 tokens, wherever that falls, so a placeholder
+    of several tokens (``zwx``, ``jane doe``) can start at the end of one chunk and finish in the next.
+    """
+    runs: list[list[int]] = []
+    for index, chunk in enumerate(chunks):
+        if runs and len(_content(chunks[runs[-1][-1]], special)) == len(chunk) - 2:
+            runs[-1].append(index)
+        else:
+            runs.append([index])
+    return runs
+
+
 def inject_into_chunks(
     chunks: Any,
     slots: Sequence[SubjectSlot],
@@ -170,28 +191,28 @@ def inject_into_chunks(
     Every chunk keeps exactly its original length. A chunk that overflows after replacement is
     split; chunks without placeholders are returned as they were. A placeholder absent from the
     prompt is an error, unless ``append_if_missing`` puts the subject at the end. ``chunks`` may
-    also be a plain tokenizer's output (see ``as_token_chunks``). ``starts``, per chunk, limits the
-    entry positions a placeholder may start at (``inject_prompt`` finds them from the text);
-    without it every run of the placeholder's token ids counts.
+    also be a plain tokenizer's output (see ``as_token_chunks``). Full chunks and the one after them
+    count as one text (``_runs``), so a placeholder cut by a chunk boundary is found. ``starts``, per
+    run, limits the content positions a placeholder may start at (``inject_prompt`` finds them from
+    the text); without it every run of the placeholder's token ids counts.
     """
     chunks = as_token_chunks(chunks)
     if not chunks:
         raise ConfigError("no token chunks given")
     length = len(chunks[0])
     width = len(chunks[0][0])
-    found: set[str] = set()
-    out: list[list[Entry]] = []
-    for index, chunk in enumerate(chunks):
+    for chunk in chunks:
         if len(chunk) != length:
             raise ConfigError(f"token chunks must all have {length} entries, got one of {len(chunk)}")
-        body = list(chunk[1:])
-        end = next((i for i, e in enumerate(body) if _token_id(e) == special.end), len(body))
+    found: set[str] = set()
+    out: list[list[Entry]] = []
+    for index, run in enumerate(_runs(chunks, special)):
         found_here: set[str] = set()
-        allowed = None if starts is None else {i - 1 for i in starts[index]}
-        units = _replace_in_content(body[:end], slots, found_here, allowed)
+        content = [entry for i in run for entry in _content(chunks[i], special)]
+        units = _replace_in_content(content, slots, found_here, None if starts is None else starts[index])
         found |= found_here
-        if not found_here:  # nothing replaced: keep the chunk untouched
-            out.append(list(chunk))
+        if not found_here:  # nothing replaced: keep the chunks untouched
+            out.extend(list(chunks[i]) for i in run)
         else:
             out.extend(_pack(units, special, length, width))
     missing = [slot for slot in slots if slot.placeholder not in found]
@@ -231,24 +252,32 @@ def mask_standalone_placeholders(text: str, slots: Sequence[SubjectSlot]) -> Opt
 
 
 def standalone_starts(
-    chunks: Sequence[Sequence[Entry]], masked: Sequence[Sequence[Entry]], slots: Sequence[SubjectSlot]
+    chunks: Sequence[Sequence[Entry]], masked: Sequence[Sequence[Entry]], slots: Sequence[SubjectSlot],
+    special: SpecialTokens,
 ) -> Optional[list[set[int]]]:
-    """Per chunk, the positions where a placeholder stands as a word: its ids in ``chunks`` and
-    other tokens there in ``masked`` (the tokenization of ``mask_standalone_placeholders``' text).
+    """Per run of chunks (``_runs``), the content positions where a placeholder stands as a word: its ids
+    in ``chunks`` and other tokens there in ``masked`` (the tokenization of ``mask_standalone_placeholders``'
+    text).
 
     None when the two differ anywhere else, i.e. a tokenizer for which the comparison does not hold.
     """
-    if len(chunks) != len(masked) or any(len(a) != len(b) for a, b in zip(chunks, masked)):
+    runs = _runs(chunks, special)
+    if (len(chunks) != len(masked) or any(len(a) != len(b) for a, b in zip(chunks, masked))
+            or _runs(masked, special) != runs):
         return None
     starts = []
-    for chunk, other in zip(chunks, masked):
-        differing = {i for i, (a, b) in enumerate(zip(chunk, other)) if _token_id(a) != _token_id(b)}
+    for run in runs:
+        content = [entry for i in run for entry in _content(chunks[i], special)]
+        other = [entry for i in run for entry in _content(masked[i], special)]
+        if len(content) != len(other):
+            return None
+        differing = {i for i, (a, b) in enumerate(zip(content, other)) if _token_id(a) != _token_id(b)}
         here: set[int] = set()
         covered: set[int] = set()
         for slot in slots:
             span = len(slot.placeholder_ids)
-            for i in range(len(chunk) - span + 1):
-                if _matches(chunk, slot.placeholder_ids, i) and differing.issuperset(range(i, i + span)):
+            for i in range(len(content) - span + 1):
+                if _matches(content, slot.placeholder_ids, i) and differing.issuperset(range(i, i + span)):
                     here.add(i)
                     covered.update(range(i, i + span))
         if differing - covered:
@@ -272,7 +301,7 @@ def inject_prompt(
     """
     chunks = tokenize(text)
     masked = mask_standalone_placeholders(text, slots)
-    starts = None if masked is None else standalone_starts(chunks, tokenize(masked), slots)
+    starts = None if masked is None else standalone_starts(chunks, tokenize(masked), slots, special)
     if starts is None:
         logger.warning("could not tell whole-word placeholders from parts of other words in this prompt: "
                        "every occurrence of the placeholder's tokens is replaced")

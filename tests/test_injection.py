@@ -109,6 +109,21 @@ def test_a_tokenizer_the_mask_does_not_fit_falls_back_to_every_occurrence(clip, 
     assert "could not tell whole-word placeholders" in caplog.text
 
 
+def test_a_placeholder_cut_by_the_chunk_boundary_is_still_found(clip, caplog):
+    """ComfyUI cuts a long stretch of prompt at exactly 75 tokens: here the two tokens of 'zwx' fall on both
+    sides of the cut, and the prompt must still read as if a word stood in its place."""
+    placeholder = "zwx"
+    assert len(single_token_id(clip.tokenizer, placeholder)) == 2
+    prompt = "red " * 74 + "zwx man"
+    chunks = clip.tokenize(prompt)["l"]
+    assert chunks[0][75][0] == single_token_id(clip.tokenizer, placeholder)[0]  # the cut goes through it
+    dog = slot(clip, "s", word_embedding(clip, "dog"), placeholder)
+    injected = inject_prompt(prompt, lambda t: clip.tokenize(t)["l"], [dog], special(clip))
+    expected = clip.encode_from_tokens(clip.tokenize("red " * 74 + "dog man"))
+    torch.testing.assert_close(clip.encode_from_tokens({"l": injected}), expected, atol=1e-5, rtol=1e-5)
+    assert "could not tell whole-word placeholders" not in caplog.text
+
+
 def test_chunks_without_placeholder_are_returned_untouched(clip):
     chunks = clip.tokenize(" ".join(["red"] * 80) + " z")["l"]
     out = inject_into_chunks(chunks, [slot(clip, "s", torch.zeros(16, 64))], special(clip))
