@@ -16,7 +16,7 @@ import logging
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
@@ -335,11 +335,13 @@ class FaceAnalyzer:
         self,
         images: Union[ImageInput, Sequence[ImageInput]],
         names: Optional[Sequence[str]] = None,
+        on_photo: Optional[Callable[[int, int], None]] = None,
     ) -> IdentityResult:
         """One person's vector from one or several photos (or a ``BxHxWxC`` batch).
 
         The largest face of each photo counts once; photos without a face are listed in
-        ``skipped_names`` and logged, and only when none has a face is it an error.
+        ``skipped_names`` and logged, and only when none has a face is it an error. ``on_photo(done,
+        total)`` runs after each photo: a host's progress bar, and its chance to stop a long batch.
         """
         items = as_image_list(images)
         if not items:
@@ -349,12 +351,14 @@ class FaceAnalyzer:
         elif len(names) != len(items):
             raise ConfigError(f"{len(names)} names for {len(items)} photos")
         faces, skipped, reasons = [], [], []
-        for item, name in zip(items, names):
+        for done, (item, name) in enumerate(zip(items, names), start=1):
             try:
                 faces.append(self.analyze(item, str(name)))
             except NoFaceError as error:
                 skipped.append(str(name))
                 reasons.append(str(error))
+            if on_photo is not None:
+                on_photo(done, len(items))
         if not faces:
             if len(items) == 1:
                 raise NoFaceError(reasons[0])

@@ -118,11 +118,13 @@ class SubjectEncoder:
         images: Union[ImageInput, Sequence[ImageInput]],
         names: Optional[Sequence[str]] = None,
         on_miss: Optional[Callable[[], None]] = None,
+        on_photo: Optional[Callable[[int, int], None]] = None,
     ) -> tuple[SubjectEmbedding, IdentityResult]:
         """One identity from one or several photos; also returns the faces found (cached by content).
 
         ``on_miss`` runs only when the photos are not cached, before any model is used (ComfyUI loads the
-        models onto the GPU there, so a repeated photo costs no model load).
+        models onto the GPU there, so a repeated photo costs no model load). ``on_photo(done, total)`` runs
+        after each photo analysed (``FaceAnalyzer.identity``).
         """
         if self.faces is None:
             raise ConfigError("this SubjectEncoder was built without face models")
@@ -137,7 +139,7 @@ class SubjectEncoder:
             return self._cache[key]
         if on_miss is not None:
             on_miss()
-        identity = self.faces.identity(images, names)
+        identity = self.faces.identity(images, names, on_photo=on_photo)
         used = [face.name for face in identity.faces]
         subject = self.encode_vector(torch.as_tensor(identity.embedding), used)
         result = (subject, identity)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import comfy.model_management as model_management
 import comfy.sd
@@ -48,9 +48,11 @@ class AdaFaceBundle:
         self.load()
         return self.subjects
 
-    def encode_photos(self, photos: list, names: list[str]) -> tuple[SubjectEmbedding, IdentityResult]:
+    def encode_photos(
+        self, photos: list, names: list[str], on_photo: Optional[Callable[[int, int], None]] = None
+    ) -> tuple[SubjectEmbedding, IdentityResult]:
         """Subject and faces of the photos; the models are only loaded when the photos are new."""
-        return self.subjects.encode_photos(photos, names, on_miss=self.load)
+        return self.subjects.encode_photos(photos, names, on_miss=self.load, on_photo=on_photo)
 
     def teacher_model(self) -> Any:
         """Arc2Face's UNet as a ComfyUI MODEL, loaded on first use (only the teacher sampler needs it)."""

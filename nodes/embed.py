@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+import comfy.utils
 import numpy as np
 import torch
 
@@ -52,7 +53,11 @@ class AdaFaceFaceEmbed:
 
     def embed(self, adaface: AdaFaceBundle, image: torch.Tensor) -> tuple[SubjectEmbedding, torch.Tensor]:
         photos, names = image_batch_to_photos(image)
-        subject, identity = adaface.encode_photos(photos, names)
+        # The server's progress hook stops the batch between photos when the artist presses Cancel.
+        progress = comfy.utils.ProgressBar(len(photos))
+        subject, identity = adaface.encode_photos(
+            photos, names, on_photo=lambda done, total: progress.update_absolute(done, total)
+        )
         if identity.skipped_names:
             logger.warning(
                 "Face → ID Embedding: no face in %s, so %s left out; the subject comes from %s",

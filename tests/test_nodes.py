@@ -233,6 +233,28 @@ def test_photo_without_face_is_skipped_with_a_warning(env, adaface, caplog):
     assert any("image 2" in record.getMessage() for record in caplog.records)
 
 
+def test_a_long_photo_batch_shows_progress_and_stops_on_cancel(env, adaface):
+    """A video's frames as reference photos take minutes on a CPU: the bar moves per photo, and the server's
+    progress hook (which raises once Cancel was pressed) gets its chance between photos."""
+    management, utils = env.module("comfy.model_management"), env.module("comfy.utils")
+    seen = []
+
+    def server_hook(value, total, preview, node_id=None):  # what ComfyUI's main.py installs
+        seen.append((value, total))
+        management.throw_exception_if_processing_interrupted()
+        if value == 2:
+            management.interrupt_current_processing()  # the artist presses Cancel during photo 3
+
+    batch = torch.cat([photo(corner=c) for c in (30, 50, 70, 90, 110)])
+    utils.set_progress_bar_global_hook(server_hook)
+    try:
+        with pytest.raises(management.InterruptProcessingException):
+            env.node("AdaFaceFaceEmbed").embed(adaface, batch)
+    finally:
+        utils.set_progress_bar_global_hook(None)
+    assert seen == [(1, 5), (2, 5), (3, 5)]
+
+
 def test_no_face_at_all_tells_the_artist_what_to_do(env, adaface):
     with pytest.raises(env.core("errors", "NoFaceError"), match="no face found in image 1; use a photo where the face"):
         env.node("AdaFaceFaceEmbed").embed(adaface, torch.zeros(1, 256, 256, 3))
