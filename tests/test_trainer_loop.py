@@ -141,17 +141,39 @@ def test_an_expansion_keeps_the_optimizer_state_of_the_parameters_that_survive(m
 
 
 def test_a_checkpoint_of_the_other_stage_is_not_resumed(models_root, tmp_path, caplog):
-    """--stage both --resume <a stage-1 folder>: stage 2 must not take stage 1's step counter and optimizer."""
+    """--stage both --resume <a stage-1 checkpoint>: stage 2 must not take stage 1's step counter and optimizer,
+    even from a copy outside its stage folder, whose name says nothing of its stage."""
     first = run_cli(write_config(tmp_path / "a.yaml", make_config(models_root, tmp_path / "a", max_steps=3)))
+    copied = shutil.copytree(tmp_path / "a" / "face" / "checkpoints" / "step_0000003", tmp_path / "kept" / "step_0000003")
     config = config_from_dict(make_config(models_root, tmp_path / "b"))
     accelerator = Accelerator(cpu=True)
     models = build_models(config, torch.device("cpu"), need_vae=False)
     stage = build_face_stage(config, config.face, models, accelerator, tmp_path)
     stage.name = "composition"  # any stage other than the checkpoint's
     trainer = Trainer(stage, config.face, models, accelerator, tmp_path / "b" / "composition",
-                      resume=first.stages[0].final_checkpoint.parent, show_progress=False, tensorboard=False)
-    assert trainer.step == 0
+                      resume=copied, show_progress=False, tensorboard=False)
+    assert first.stages[0].steps == 3 and trainer.step == 0
     assert "is a face checkpoint; the composition stage starts from the beginning" in caplog.text
+
+
+def test_a_folder_of_the_other_stage_resumes_each_stage_from_its_own_checkpoints(tmp_path):
+    """--stage both --resume <out>/composition/checkpoints/step_N (the README's way to branch stage 2) must give
+    stage 1 its own latest checkpoint: handed the stage-2 one, stage 1 started over and --overwrite deleted it."""
+    def checkpoint(stage, step):
+        folder = tmp_path / "out" / stage / "checkpoints" / checkpointing.step_dir_name(step)
+        folder.mkdir(parents=True)
+        for name in (checkpointing.INVERTER_FILE, checkpointing.STATE_FILE):
+            (folder / name).write_bytes(b"")
+        return folder
+
+    face, (branch, latest) = checkpoint("face", 30), (checkpoint("composition", 5), checkpoint("composition", 10))
+    find = checkpointing.find_resume_checkpoint
+    for given in (branch, branch.parent, branch.parent.parent):
+        assert find(given, "face") == face, given
+    assert find(branch, "composition") == branch
+    assert find(branch.parent, "composition") == find(tmp_path / "out", "composition") == latest
+    assert find(face.parent.parent, "composition") == latest
+    assert find(tmp_path / "out", "face") == find(face, "face") == face
 
 
 PRODIGY_WARMUP = {"optim": {"optimizer": "prodigy", "batch_size": 2, "grad_accum": 2, "warmup_steps": 8},
@@ -299,6 +321,25 @@ def test_a_fresh_run_over_an_earlier_one_is_refused_and_loses_nothing(models_roo
     run_cli(config, "--overwrite", "--max-steps", "2")
     assert max(step for step, _ in checkpointing.list_checkpoints(stage_dir / "checkpoints")) == 2
     assert len((stage_dir / "losses.csv").read_text().splitlines()) == 3  # header + the new run's 2 steps
+
+
+def test_a_finished_run_without_checkpoints_and_a_resume_of_nothing_are_refused(models_root, tmp_path):
+    """A run kept for its result (checkpoints deleted to save space) is still an earlier run; and a --resume
+    that names no checkpoint (the final file, an empty folder) must not quietly start from scratch."""
+    config = write_config(tmp_path / "c.yaml", make_config(models_root, tmp_path / "out", max_steps=3,
+                                                             expansion={"enabled": False}))
+    run_cli(config)
+    stage_dir = tmp_path / "out" / "face"
+    shutil.rmtree(stage_dir / "checkpoints")
+    log, final = (stage_dir / "losses.csv").read_text(), weights(stage_dir / "adaface_inverter.safetensors")
+    with pytest.raises(ConfigError, match=r"holds an earlier run \(adaface_inverter.safetensors\).*--overwrite"):
+        run_cli(config)
+    (tmp_path / "empty").mkdir()
+    for nothing in (stage_dir / "adaface_inverter.safetensors", tmp_path / "empty"):
+        with pytest.raises(ConfigError, match="no face checkpoint there"):
+            run_cli(config, "--resume", str(nothing), "--output", str(tmp_path / "other"))
+    assert (stage_dir / "losses.csv").read_text() == log and not (tmp_path / "other").exists()
+    assert_same_weights(final, weights(stage_dir / "adaface_inverter.safetensors"), atol=0)
 
 
 def test_a_resume_from_an_older_checkpoint_does_not_leave_the_later_ones_behind(models_root, tmp_path):

@@ -42,6 +42,8 @@ ASIDE_DIR = re.compile(r"^\.old-step_(\d{7,})$")
 INVERTER_FILE = "inverter.safetensors"
 STATE_FILE = "trainer_state.pt"
 STATE_FORMAT = "adaface-trainer-state"
+STAGE_FOLDERS = ("face", "composition")
+"""The stage folders of a run's output folder, named after the stages."""
 
 
 def rng_state(generator: Optional[torch.Generator] = None) -> dict[str, Any]:
@@ -136,15 +138,31 @@ def checkpoints_after(checkpoints_dir: Path, step: int) -> list[Path]:
 
 
 def find_resume_checkpoint(path: Union[str, Path], stage: str) -> Optional[Path]:
-    """``path`` may be a run's output folder, a stage folder, its ``checkpoints/`` folder or one ``step_*`` folder."""
+    """``path`` may be a run's output folder, a stage folder, its ``checkpoints/`` folder or one ``step_*`` folder.
+
+    A stage folder, ``checkpoints/`` or ``step_*`` of the run's other stage stands for its run folder: the
+    latest checkpoint of ``stage`` there. Why: ``--stage both --resume <out>/composition/checkpoints/step_N``
+    must branch stage 2 at step N, not hand stage 1 a stage-2 checkpoint (which started stage 1 over).
+    """
     path = Path(path)
     if STEP_DIR.match(path.name) and (path / STATE_FILE).is_file():
+        stage_dir = path.parent.parent
+        if stage_dir.name in STAGE_FOLDERS and stage_dir.name != stage:
+            return _latest(stage_dir.parent / stage / "checkpoints")
         return path
     for candidate in (path / stage / "checkpoints", path / "checkpoints", path):
         found = list_checkpoints(candidate)
         if found:
+            stage_dir = candidate.parent
+            if stage_dir.name in STAGE_FOLDERS and stage_dir.name != stage:
+                return _latest(stage_dir.parent / stage / "checkpoints")
             return found[-1][1]
     return None
+
+
+def _latest(checkpoints_dir: Path) -> Optional[Path]:
+    found = list_checkpoints(checkpoints_dir)
+    return found[-1][1] if found else None
 
 
 @dataclass

@@ -35,6 +35,9 @@ from .optimizer_expansion import PRODIGY_GROUP_STATE, Replacements, carry_optimi
 
 logger = logging.getLogger(__name__)
 
+FINAL_INVERTER = "adaface_inverter.safetensors"
+"""A stage's result in its folder, written when the stage ends (the file Load AdaFace reads)."""
+
 
 class Stage(Protocol):
     """What a training stage supplies to the loop."""
@@ -294,7 +297,7 @@ class Trainer:
         seconds = time.perf_counter() - start
         if last_saved is None:
             last_saved = self.save()
-        final = self.stage_dir / "adaface_inverter.safetensors"
+        final = self.stage_dir / FINAL_INVERTER
         if self.accelerator.is_main_process:
             from adaface_core.checkpoint import save_inverter
 

@@ -80,12 +80,14 @@ def load_run_config(args: argparse.Namespace):
 
 
 def earlier_runs(output: Path, stages: list[str], resume: Optional[Path]) -> dict[str, Path]:
-    """Stage folders of ``output`` holding checkpoints this run would not resume from, with the latest.
+    """Stage folders of ``output`` holding a run this one would not resume: its latest checkpoint, or the
+    final inverter of a finished run whose checkpoints were deleted to save space.
 
     Why: starting afresh there would cut the earlier run's loss log, overwrite its inverter and let
     ``keep_last`` delete the new checkpoints in favour of the old ones; a mistyped ``--resume`` led there.
     """
     from trainer.checkpointing import find_resume_checkpoint, list_checkpoints
+    from trainer.loop import FINAL_INVERTER
 
     found = {}
     for name in stages:
@@ -94,6 +96,8 @@ def earlier_runs(output: Path, stages: list[str], resume: Optional[Path]) -> dic
         resumed = find_resume_checkpoint(resume, name) if resume is not None else None
         if existing and (resumed is None or resumed.resolve().parent != checkpoints.resolve()):
             found[name] = existing[-1][1]
+        elif not existing and (output / name / FINAL_INVERTER).is_file():
+            found[name] = output / name / FINAL_INVERTER
     return found
 
 
@@ -129,13 +133,18 @@ def check_output(args: argparse.Namespace, output: Path, stages: list[str]) -> O
     behind (unless ``--overwrite``); returns what to delete."""
     from adaface_core.errors import ConfigError
 
+    from trainer.checkpointing import find_resume_checkpoint
+
     if args.resume is not None and not args.resume.exists():
         raise ConfigError(f"--resume {args.resume}: no such folder (give the output folder of the run to continue)")
+    if args.resume is not None and all(find_resume_checkpoint(args.resume, name) is None for name in stages):
+        raise ConfigError(f"--resume {args.resume}: no {' or '.join(stages)} checkpoint there (give the run's output "
+                          "folder, a stage folder, its checkpoints/ folder or one step_* folder)")
     cleanup = OutputCleanup(earlier_runs(output, stages, args.resume), abandoned_checkpoints(output, stages, args.resume))
     if cleanup.start_over and not (args.overwrite or (args.preset == "smoke" and args.output is None)):
         name, latest = next(iter(cleanup.start_over.items()))
-        raise ConfigError(f"{output / name} holds an earlier run (latest checkpoint {latest.name}): continue it with "
-                          f"--resume {output}, write to another --output, or start over with --overwrite (deletes its checkpoints)")
+        raise ConfigError(f"{output / name} holds an earlier run ({latest.name}): continue it with --resume {output}, "
+                          "write to another --output, or start over with --overwrite (deletes its checkpoints)")
     if cleanup.abandoned and not args.overwrite:
         later = ", ".join(sorted(path.name for path in cleanup.abandoned))
         raise ConfigError(f"--resume {args.resume}: {cleanup.abandoned[0].parent} also holds later checkpoints ({later}); "
