@@ -74,6 +74,11 @@ def test_config_errors_are_named():
         config_from_dict({"data": {"photo_cache_gb": -1}}).validate(check_paths=False)
     with pytest.raises(ConfigError, match="run.device must be 'auto' .* or 'cpu', got 'cuda:1'"):
         config_from_dict({"run": {"device": "cuda:1"}}).validate(check_paths=False)
+    # Values that used to surface as a traceback from deep inside the first step.
+    with pytest.raises(ConfigError, match="face.optim.lr must be > 0, got -1"):
+        config_from_dict({"face": {"optim": {"lr": -1}}}).validate(check_paths=False)
+    with pytest.raises(ConfigError, match="data.image_size must be a positive multiple of 8 .*got 0"):
+        config_from_dict({"data": {"image_size": 0}}).validate(check_paths=False)
 
 
 def test_settings_no_stage_reads_are_refused_not_dropped():

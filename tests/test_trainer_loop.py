@@ -1,7 +1,9 @@
 """Stage-1 training loop on tiny models: learning, expansion, exact resume, crash safety."""
 
 import copy
+import logging
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,7 +20,7 @@ from trainer.config import OptimConfig, config_from_dict
 from trainer.loop import (SimulatedCrash, Trainer, build_lr_scheduler, build_optimizer, heldout_loss, lr_factor,
                           restore_optimizer)
 from trainer.models import build_models
-from trainer.run import main
+from trainer.run import cli, main
 from trainer.stages import build_face_stage
 
 
@@ -340,6 +342,17 @@ def test_a_finished_run_without_checkpoints_and_a_resume_of_nothing_are_refused(
             run_cli(config, "--resume", str(nothing), "--output", str(tmp_path / "other"))
     assert (stage_dir / "losses.csv").read_text() == log and not (tmp_path / "other").exists()
     assert_same_weights(final, weights(stage_dir / "adaface_inverter.safetensors"), atol=0)
+
+
+def test_a_write_error_is_one_line_not_a_traceback(models_root, tmp_path, monkeypatch, caplog):
+    """A full disk or a folder without write permission: the command line says what failed, where."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder", encoding="utf-8")
+    config = write_config(tmp_path / "c.yaml", make_config(models_root, blocker / "out", max_steps=1))
+    monkeypatch.setattr(sys, "argv", ["trainer/run.py", "--config", str(config), "--no-progress"])
+    assert cli() == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and str(blocker) in errors[0] and "Error" in errors[0]
 
 
 def test_a_resume_from_an_older_checkpoint_does_not_leave_the_later_ones_behind(models_root, tmp_path):

@@ -96,6 +96,9 @@ def test_heldout_compositions_never_trained_and_settings_checked():
         composition_settings(StageConfig(extra={"class_wrd": "woman"}))
     with pytest.raises(ConfigError, match="template"):
         composition_settings(StageConfig(extra={"template": "a photo of a person"}))
+    for empty in ({"heldout_batches": 0}, {"heldout_size": 0}):  # a ZeroDivisionError after all of stage 1, before
+        with pytest.raises(ConfigError, match="heldout_size and heldout_batches must be >= 1"):
+            composition_settings(StageConfig(extra=empty))
     # Only {subject} is a slot: other braces in a template are kept as the user wrote them.
     quad = build_prompts("in the rain", "woman", "z", "a {vintage} photo of {subject}")
     assert quad.subject_comp == "a {vintage} photo of z in the rain"

@@ -191,6 +191,8 @@ class TrainConfig:
             if not 0.0 <= o.lr_final_factor <= 1.0 or o.lr_decay_start < 0 or o.warmup_steps < 0:
                 problems.append(f"{name}.optim: lr_final_factor must be in [0, 1], "
                                 "lr_decay_start and warmup_steps >= 0")
+            if not o.lr > 0:
+                problems.append(f"{name}.optim.lr must be > 0, got {o.lr}")
             if o.batch_size < 1 or o.grad_accum < 1 or stage.max_steps < 0:
                 problems.append(f"{name}: batch_size and grad_accum must be >= 1 and max_steps >= 0")
             loss = stage.loss
@@ -212,8 +214,9 @@ class TrainConfig:
             problems.append("data.random_id_prob must be in [0, 1]")
         if self.data.photo_cache_gb < 0:
             problems.append("data.photo_cache_gb must be >= 0")
-        if self.data.image_size % 8:
-            problems.append("data.image_size must be a multiple of 8 (the VAE's downsampling)")
+        if self.data.image_size < 8 or self.data.image_size % 8:
+            problems.append(f"data.image_size must be a positive multiple of 8 (the VAE's downsampling), "
+                            f"got {self.data.image_size}")
         if self.run.save_every < 1 or self.run.keep_last < 0 or self.run.log_every < 1:
             problems.append("run.save_every and run.log_every must be >= 1 and run.keep_last >= 0, got "
                             f"{self.run.save_every}, {self.run.log_every} and {self.run.keep_last}")

@@ -202,6 +202,7 @@ def main(argv: Optional[list[str]] = None) -> RunResult:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
+    from adaface_core.checkpoint import atomic_write_text
     from trainer.config import config_to_dict
     from trainer.models import build_models, frozen_dtype_for
 
@@ -225,7 +226,7 @@ def main(argv: Optional[list[str]] = None) -> RunResult:
     torch.manual_seed(config.run.seed)
     if accelerator.is_main_process:
         output.mkdir(parents=True, exist_ok=True)
-        (output / "config.json").write_text(json.dumps(config_to_dict(config), indent=2), encoding="utf-8")
+        atomic_write_text(output / "config.json", json.dumps(config_to_dict(config), indent=2))
         for name in cleanup.start_over:
             logger.warning("starting over: deleting the earlier run's checkpoints and TensorBoard log in %s", output / name)
             for folder in ("checkpoints", "tensorboard"):
@@ -267,6 +268,9 @@ def cli() -> int:
         main()
     except AdaFaceError as exc:
         logging.getLogger("trainer.run").error("%s", exc)
+        return 2
+    except OSError as exc:  # a full disk, a folder without write permission: what to fix, in one line
+        logging.getLogger("trainer.run").error("%s: %s", type(exc).__name__, exc)
         return 2
     except KeyboardInterrupt:
         logging.getLogger("trainer.run").error("interrupted; resume with --resume <output folder> "

@@ -87,6 +87,9 @@ def composition_settings(stage_config: StageConfig) -> CompositionSettings:
         raise ConfigError(f"composition.extra.t_range must be a range inside [0, 1], got {settings.t_range}")
     if not 0.0 <= settings.random_id_prob <= 1.0:
         raise ConfigError(f"composition.extra.random_id_prob must be in [0, 1], got {settings.random_id_prob}")
+    if settings.heldout_size < 1 or settings.heldout_batches < 1 or settings.face_loss_bound <= 0:
+        raise ConfigError("composition.extra: heldout_size and heldout_batches must be >= 1 and face_loss_bound > 0, "
+                          f"got {settings.heldout_size}, {settings.heldout_batches} and {settings.face_loss_bound}")
     if not has_one_subject_slot(settings.template):
         raise ConfigError(f"composition.extra.template must hold '{{subject}}' once, got {settings.template!r}")
     return settings
