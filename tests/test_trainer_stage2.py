@@ -86,6 +86,12 @@ def test_resumed_stage2_compares_with_the_stage_start(models_root, tmp_path):
     assert rows[1] == start and rows[2].startswith("6,") and len(rows) == 3
     assert f"{held['heldout_delta_before']:.6g}" == start.split(",")[1]
 
+    # A branch from an older checkpoint drops the abandoned branch's end row, as losses.csv drops its steps.
+    older = sorted((out / "composition" / "checkpoints").glob("step_*"))[0]
+    run_cli(config, "--resume", str(older), "--overwrite", "--max-steps", "5")
+    rows = (out / "composition" / "heldout.csv").read_text().splitlines()
+    assert rows[1] == start and [row.split(",")[0] for row in rows[2:]] == ["5"]
+
 
 def test_heldout_compositions_never_trained_and_settings_checked():
     pool, held = split_pool(load_composition_pool(), 8)

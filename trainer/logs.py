@@ -211,6 +211,8 @@ class HeldoutReport:
         rows = self.start_rows(self.csv_path) if step > 0 else []
         if rows:
             self.before = {k: float(v) for k, v in zip(rows[0][1:], rows[1][1:])}
+            if self.enabled:  # end rows past the checkpoint are of the branch this resume abandons
+                _write_csv(self.csv_path, rows + self._end_rows_up_to(step, len(rows[0])))
             return self.before
         self.before = measure()
         if self.enabled:
@@ -218,6 +220,11 @@ class HeldoutReport:
             with self.csv_path.open("w", newline="", encoding="utf-8") as handle:
                 csv.writer(handle).writerows([["step", *self.before], [step, *(f"{v:.6g}" for v in self.before.values())]])
         return self.before
+
+    def _end_rows_up_to(self, step: int, width: int) -> list[list[str]]:
+        with self.csv_path.open(newline="", encoding="utf-8") as handle:
+            rows = list(csv.reader(handle))[2:]
+        return [row for row in rows if len(row) == width and row[0].isdigit() and int(row[0]) <= step]
 
     def finish(self, step: int, after: dict[str, float]) -> dict:
         summary = {f"{k}_before": v for k, v in self.before.items()}
