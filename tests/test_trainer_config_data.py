@@ -223,3 +223,38 @@ def test_a_config_file_is_laid_over_the_smoke_preset(tmp_path):
     assert config.composition.extra["heldout_size"] == 3 and config.composition.extra["heldout_batches"] == 2
     assert config.stage == "both" and config.data.root == first.data.root and config.data.image_size == 64
     config.validate(check_paths=True)
+
+
+def test_an_interrupted_face_analysis_keeps_what_it_had_done(tmp_path, monkeypatch):
+    """Analysing a large dataset takes hours: Ctrl-C, a kill signal or a crash must not throw it all away,
+    and a long run saves as it goes."""
+    import trainer.data
+
+    root = tmp_path / "faces"
+    for name in ("a.png", "b.png", "noface.png", "c.png", "d.png"):
+        _write(root / name)
+    images, cache = scan_images(root), tmp_path / "ids.safetensors"
+    seen = []
+
+    class StoppedAt(FakeAnalyzer):
+        def analyze(self, image, name=None):
+            if Path(image).name == "c.png":
+                raise KeyboardInterrupt
+            seen.append(Path(image).name)
+            return super().analyze(image, name)
+
+    with pytest.raises(KeyboardInterrupt):
+        compute_face_ids(root, images, cache, StoppedAt)
+    assert seen == ["a.png", "b.png"]
+    FakeAnalyzer.calls = 0
+    kept, _ = compute_face_ids(root, images, cache, FakeAnalyzer)
+    assert FakeAnalyzer.calls == 3 and [p.name for p in kept] == ["a.png", "b.png", "c.png", "d.png"]
+
+    # Saved as it goes: a kill no handler sees (SIGKILL, power loss) loses only the last interval.
+    monkeypatch.setattr(trainer.data, "ID_CACHE_SAVE_SECONDS", 0.0)
+    writes = []
+    monkeypatch.setattr(trainer.data, "atomic_save_safetensors", lambda tensors, path, meta: writes.append(meta))
+    for name in ("e.png", "f.png"):
+        _write(root / name)
+    compute_face_ids(root, scan_images(root), cache, FakeAnalyzer)
+    assert len(writes) == 2 and "e.png" in writes[0]["keys"] and "f.png" not in writes[0]["keys"]

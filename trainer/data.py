@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -39,6 +40,8 @@ CLASS_FILE = "class.txt"
 """Subject metadata: a folder's class word ('man', 'woman', 'girl'...) for stage 2's class prompts."""
 _QUARTER_TURNS = (5, 6, 7, 8)
 """EXIF orientations whose upright picture swaps width and height."""
+ID_CACHE_SAVE_SECONDS = 60.0
+"""How often a long face analysis writes what it has so far to the ID cache."""
 _UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 """What PIL raises for a missing, truncated, corrupt or oversized file (UnidentifiedImageError is an OSError)."""
 
@@ -179,6 +182,15 @@ def _read_id_cache(cache_file: Path, face_models: str) -> tuple[dict[str, torch.
             set(json.loads(metadata.get("unreadable", "[]"))))
 
 
+def _write_id_cache(cache_file: Path, vectors: dict[str, torch.Tensor], no_face: set[str], unreadable: set[str],
+                    face_models: str) -> None:
+    keys = list(vectors)
+    stacked = torch.stack([vectors[k] for k in keys]).float() if keys else torch.zeros(0)
+    atomic_save_safetensors({"vectors": stacked}, cache_file,
+                            {"keys": json.dumps(keys), "no_face": json.dumps(sorted(no_face)),
+                             "unreadable": json.dumps(sorted(unreadable)), "face_models": face_models})
+
+
 def compute_face_ids(
     root: Path,
     images: Sequence[Path],
@@ -199,30 +211,49 @@ def compute_face_ids(
     cached, no_face_cached, unreadable_cached = _read_id_cache(cache_file, face_models)
     analyzer = None
     kept, vectors, skipped, keys, no_face, unreadable = [], [], [], [], [], []
-    for image in images:
-        key = image_key(root, image)
-        if key in no_face_cached or key in unreadable_cached:
-            skipped.append(image)
-            (no_face if key in no_face_cached else unreadable).append(key)
-            continue
-        if key not in cached:
-            if analyzer is None:
-                analyzer = analyzer_factory()
-            try:
-                face = analyzer.analyze(str(image), name=str(image.relative_to(root)))
-                cached[key] = torch.as_tensor(np.asarray(face.normed_embedding, dtype=np.float32))
-            except NoFaceError:
+    analysed, saved_at = 0, time.monotonic()
+
+    def save_progress() -> None:
+        """What is known so far, old entries included: an interrupted analysis resumes where it stopped."""
+        if analysed:
+            _write_id_cache(cache_file, cached, no_face_cached | set(no_face), unreadable_cached | set(unreadable),
+                            face_models)
+
+    try:
+        for image in images:
+            key = image_key(root, image)
+            if key in no_face_cached or key in unreadable_cached:
                 skipped.append(image)
-                no_face.append(key)
+                (no_face if key in no_face_cached else unreadable).append(key)
                 continue
-            except Exception as exc:  # unreadable image: skipped and reported like a faceless one
-                logger.warning("cannot read %s: %s", image, exc)
-                skipped.append(image)
-                unreadable.append(key)
-                continue
-        kept.append(image)
-        keys.append(key)
-        vectors.append(cached[key])
+            if key not in cached:
+                if analyzer is None:
+                    analyzer = analyzer_factory()
+                if time.monotonic() - saved_at > ID_CACHE_SAVE_SECONDS:
+                    save_progress()
+                    saved_at = time.monotonic()
+                analysed += 1
+                try:
+                    face = analyzer.analyze(str(image), name=str(image.relative_to(root)))
+                    cached[key] = torch.as_tensor(np.asarray(face.normed_embedding, dtype=np.float32))
+                except NoFaceError:
+                    skipped.append(image)
+                    no_face.append(key)
+                    continue
+                except Exception as exc:  # unreadable image: skipped and reported like a faceless one
+                    logger.warning("cannot read %s: %s", image, exc)
+                    skipped.append(image)
+                    unreadable.append(key)
+                    continue
+            kept.append(image)
+            keys.append(key)
+            vectors.append(cached[key])
+    except BaseException:  # Ctrl-C or a kill signal turned exception: hours of analysis are not lost
+        try:
+            save_progress()
+        except Exception as exc:  # a full disk must not hide why the analysis stopped
+            logger.warning("could not save the face-ID cache so far to %s: %s", cache_file, exc)
+        raise
     if skipped:
         logger.warning("%d image(s) without a detectable face (or unreadable) are skipped%s", len(skipped),
                        f" (listed in {skipped_file})" if skipped_file else "")
@@ -234,10 +265,8 @@ def compute_face_ids(
     if not kept:
         raise ConfigError(f"none of the {len(images)} images under {root} has a detectable face")
     stacked = torch.stack(vectors).float()
-    if analyzer is not None or not cache_file.is_file():
-        atomic_save_safetensors({"vectors": stacked}, cache_file,
-                                {"keys": json.dumps(keys), "no_face": json.dumps(no_face),
-                                 "unreadable": json.dumps(unreadable), "face_models": face_models})
+    if analyzer is not None or not cache_file.is_file():  # this set of photos only: entries of deleted ones go
+        _write_id_cache(cache_file, dict(zip(keys, vectors)), set(no_face), set(unreadable), face_models)
     logger.info("%d training faces (%d skipped), ArcFace vectors cached in %s", len(kept), len(skipped), cache_file)
     return kept, stacked
 
