@@ -1,5 +1,6 @@
 """Trainer configuration and data handling: paper config validation, missing paths, face-ID caching."""
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -258,3 +259,15 @@ def test_an_interrupted_face_analysis_keeps_what_it_had_done(tmp_path, monkeypat
         _write(root / name)
     compute_face_ids(root, scan_images(root), cache, FakeAnalyzer)
     assert len(writes) == 2 and "e.png" in writes[0]["keys"] and "f.png" not in writes[0]["keys"]
+
+
+@pytest.mark.skipif(os.name == "nt", reason="folder symlinks need extra rights on Windows")
+def test_photos_in_linked_folders_are_found_once_and_a_link_up_the_tree_is_no_loop(tmp_path):
+    root, elsewhere = tmp_path / "faces", tmp_path / "elsewhere" / "alice"
+    _write(root / "own.png")
+    _write(elsewhere / "linked.png")
+    (root / "alice").symlink_to(elsewhere, target_is_directory=True)
+    (root / "alice_again").symlink_to(elsewhere, target_is_directory=True)
+    (elsewhere / "up").symlink_to(tmp_path, target_is_directory=True)
+    names = [p.relative_to(root).as_posix() for p in scan_images(root)]
+    assert "own.png" in names and sum(name.endswith("linked.png") for name in names) == 1

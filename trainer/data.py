@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,12 +53,27 @@ def scan_images(root: Path) -> list[Path]:
     if not root.is_dir():
         raise ModelFileMissingError(f"training image folder not found: {root}")
     images = sorted(
-        p for p in root.rglob("*")
-        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not is_mask_file(p)
+        p for p in _files_under(root)
+        if p.suffix.lower() in IMAGE_SUFFIXES and not is_mask_file(p)
     )
     if not images:
         raise ConfigError(f"no training images (jpg/png/webp) under {root}")
     return images
+
+
+def _files_under(root: Path) -> list[Path]:
+    """Every file under ``root``, through linked folders too (a dataset assembled from symlinks), each real
+    folder once (a link back up the tree is not a loop)."""
+    seen: set[str] = set()
+    files: list[Path] = []
+    for folder, subfolders, names in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            subfolders[:] = []
+            continue
+        seen.add(real)
+        files += [Path(folder) / name for name in names if (Path(folder) / name).is_file()]
+    return files
 
 
 def is_mask_file(path: Path) -> bool:
