@@ -208,3 +208,23 @@ def test_clean_stale_drops_the_old_copy_once_the_new_one_is_in(tiny_models, tmp_
     checkpointing.clean_stale(checkpoints)
     assert sorted(p.name for p in checkpoints.iterdir()) == ["step_0000005"]
     assert _tag(checkpointing.find_resume_checkpoint(checkpoints, "face")) == "new"
+
+
+def test_a_resume_under_other_held_out_settings_measures_its_start_again(tmp_path, caplog):
+    """Another held-out seed draws other samples: comparing with the old start row would show a change that
+    is only the draw (or hide a breach of the face-loss bound)."""
+    from trainer.logs import HeldoutReport
+
+    def report(settings):
+        return HeldoutReport(tmp_path, 1.5, True, settings)
+
+    assert report({"heldout_seed": 1}).start(0, lambda: {"heldout_delta": 0.5, "heldout_face": 0.25}) == \
+        {"heldout_delta": 0.5, "heldout_face": 0.25}
+
+    def never():
+        raise AssertionError("the stored start row applies: nothing to measure")
+
+    assert report({"heldout_seed": 1}).start(4, never)["heldout_face"] == 0.25
+    again = report({"heldout_seed": 99}).start(4, lambda: {"heldout_delta": 0.4, "heldout_face": 0.2})
+    assert again["heldout_face"] == 0.2 and "held-out settings changed" in caplog.text
+    assert (tmp_path / "heldout.csv").read_text().splitlines()[1].startswith("4,")  # the row says where it was measured

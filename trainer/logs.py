@@ -17,6 +17,7 @@ from adaface_core.checkpoint import atomic_write_text
 logger = logging.getLogger(__name__)
 
 CSV_HEADER = ["step", "loss", "lr", "multipliers", "seconds"]
+HELDOUT_SETTINGS = "heldout_settings.json"
 
 
 def setup_logging(level: int = logging.INFO) -> None:
@@ -77,6 +78,10 @@ def carry_logs(source_stage_dir: Path, stage_dir: Path, step: int) -> None:
         _write_csv(stage_dir / "heldout.csv", heldout)
     else:
         (stage_dir / "heldout.csv").unlink(missing_ok=True)  # another run's start row must not be taken for this one's
+    if heldout and (source_stage_dir / HELDOUT_SETTINGS).is_file():
+        atomic_write_text(stage_dir / HELDOUT_SETTINGS, (source_stage_dir / HELDOUT_SETTINGS).read_text(encoding="utf-8"))
+    else:
+        (stage_dir / HELDOUT_SETTINGS).unlink(missing_ok=True)
 
 
 class TrainLogger:
@@ -188,14 +193,18 @@ class HeldoutReport:
     (a row each), ``heldout.json`` and the log.
 
     The start row is written at once, so a resumed stage compares its end with the stage's true start
-    (the first row) instead of measuring again. ``face_bound``: after <= bound x before, else a warning.
+    (the first row) instead of measuring again; ``settings`` (what the figures depend on) is stored beside
+    it, and a resume under other settings measures its start again rather than compare unlike draws.
+    ``face_bound``: after <= bound x before, else a warning.
     """
 
-    def __init__(self, stage_dir: Path, face_bound: float, enabled: bool):
+    def __init__(self, stage_dir: Path, face_bound: float, enabled: bool, settings: Optional[dict] = None):
         self.csv_path = stage_dir / "heldout.csv"
         self.json_path = stage_dir / "heldout.json"
+        self.settings_path = stage_dir / HELDOUT_SETTINGS
         self.face_bound = float(face_bound)
         self.enabled = enabled
+        self.settings = json.loads(json.dumps(settings or {}))  # as read back: tuples become lists
         self.before: dict[str, float] = {}
 
     @staticmethod
@@ -209,6 +218,10 @@ class HeldoutReport:
 
     def start(self, step: int, measure) -> dict[str, float]:
         rows = self.start_rows(self.csv_path) if step > 0 else []
+        if rows and self._stored_settings() not in (None, self.settings):
+            logger.warning("the held-out settings changed since this stage started (%s): its start is measured "
+                           "again at step %d, and the report compares with that", self.settings_path, step)
+            rows = []
         if rows:
             self.before = {k: float(v) for k, v in zip(rows[0][1:], rows[1][1:])}
             if self.enabled:  # end rows past the checkpoint are of the branch this resume abandons
@@ -217,9 +230,16 @@ class HeldoutReport:
         self.before = measure()
         if self.enabled:
             self.csv_path.parent.mkdir(parents=True, exist_ok=True)
-            with self.csv_path.open("w", newline="", encoding="utf-8") as handle:
-                csv.writer(handle).writerows([["step", *self.before], [step, *(f"{v:.6g}" for v in self.before.values())]])
+            _write_csv(self.csv_path, [["step", *self.before], [step, *(f"{v:.6g}" for v in self.before.values())]])
+            atomic_write_text(self.settings_path, json.dumps(self.settings, indent=2, sort_keys=True))
         return self.before
+
+    def _stored_settings(self) -> Optional[dict]:
+        """The settings the start row was measured under; None for a run from before they were stored."""
+        try:
+            return json.loads(self.settings_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
 
     def _end_rows_up_to(self, step: int, width: int) -> list[list[str]]:
         with self.csv_path.open(newline="", encoding="utf-8") as handle:

@@ -184,7 +184,8 @@ def run_stage(name: str, config, models, accelerator, output: Path, resume: Opti
     if hasattr(stage, "evaluate"):  # stages with a held-out check (stage 2) are measured at start and end
         from trainer.logs import HeldoutReport
 
-        report = HeldoutReport(output / name, stage.settings.face_loss_bound, accelerator.is_main_process)
+        report = HeldoutReport(output / name, stage.settings.face_loss_bound, accelerator.is_main_process,
+                               stage.heldout_settings)
         report.start(trainer.step, lambda: stage.evaluate(models))
     result = trainer.train()
     if report is not None:

@@ -131,6 +131,8 @@ class CompositionStage:
         self.face_loss = face_loss
         self.weights = weights or settings.weights
         self.heldout: Optional[tuple[CompositionStage, FaceStage]] = None
+        self.heldout_settings: dict = {}
+        """What the held-out figures depend on (``heldout_settings``), stored beside their start row."""
         self.class_prompts = FrozenPromptCache()
         """The class prompts' embeddings (frozen encoder, a finite set): encoded once each."""
 
@@ -211,6 +213,14 @@ class CompositionStage:
         }
 
 
+def heldout_settings(settings: CompositionSettings, config: TrainConfig, placeholder: str) -> dict:
+    """What the held-out figures depend on (the training-only knobs left out): a resume under other values
+    measures the stage's start again (``HeldoutReport``)."""
+    measured = {k: v for k, v in dataclasses.asdict(settings).items() if k not in ("random_id_prob", "face_loss_bound")}
+    return dict(measured, placeholder=placeholder, face_loss=dataclasses.asdict(config.face.loss),
+                image_size=config.data.image_size)
+
+
 def build_stage(config: TrainConfig, stage_config: StageConfig, models: Models, accelerator, output: Path) -> CompositionStage:
     settings = composition_settings(stage_config)
     face_space = build_face_space(config, models, accelerator, output, settings.random_id_prob)
@@ -224,6 +234,7 @@ def build_stage(config: TrainConfig, stage_config: StageConfig, models: Models, 
     placeholder = stage_config.loss.placeholder
     T = models.num_train_timesteps
     stage = CompositionStage(face_space, pool, settings, placeholder, face_loss, T)
+    stage.heldout_settings = heldout_settings(settings, config, placeholder)
     # Held out: random IDs only (never a training photo), the held-out compositions, delta terms only.
     heldout_ids = FaceSpace(None, models.id_dim, 1.0, 0.0, seed=settings.heldout_seed)
     delta_only = dataclasses.replace(settings.weights, face_preserve=0.0)
