@@ -62,6 +62,11 @@ def test_stage_both_continues_from_stage1_result(models_root, tmp_path):
     assert face.config.attention_multipliers == comp.config.attention_multipliers == [2, 1, 1]
     changed = [not torch.equal(a, b) for a, b in zip(face.state_dict().values(), comp.state_dict().values())]
     assert any(changed)  # and stage 2 trained it further
+    # Resumed with stage 1 running longer, stage 2 would go on from a checkpoint trained on the old stage 1.
+    kept = [(p.name, p.stat().st_mtime_ns) for p in sorted((out / "composition").rglob("*"))]
+    with pytest.raises(ConfigError, match="trained from stage 1 at face step 3, but stage 1 now ends at step 5"):
+        run_cli(write_config(tmp_path / "c.yaml", values), "--resume", str(out), "--max-steps", "5")
+    assert [(p.name, p.stat().st_mtime_ns) for p in sorted((out / "composition").rglob("*"))] == kept
 
 
 def test_resumed_stage2_compares_with_the_stage_start(models_root, tmp_path):

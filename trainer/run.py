@@ -127,10 +127,31 @@ class OutputCleanup:
     abandoned: list[Path] = field(default_factory=list)
 
 
-def check_output(args: argparse.Namespace, output: Path, stages: list[str]) -> OutputCleanup:
+def stage1_origin(face_steps: int) -> str:
+    """How a stage-2 checkpoint of a ``--stage both`` run records the stage-1 result it was trained from."""
+    return f"face step {face_steps}"
+
+
+def stale_stage2(resume: Optional[Path], stages: list[str], face_steps: int) -> Optional[str]:
+    """The recorded origin of the stage-2 checkpoint a ``--stage both`` resume would continue, when it is not
+    the stage-1 result this run ends with (face.max_steps raised or lowered since)."""
+    from adaface_core.checkpoint import read_metadata
+    from trainer.checkpointing import INVERTER_FILE, find_resume_checkpoint
+
+    if resume is None or stages != ["face", "composition"]:
+        return None
+    checkpoint = find_resume_checkpoint(resume, "composition")
+    if checkpoint is None:
+        return None
+    origin = read_metadata(checkpoint / INVERTER_FILE).get("starts_from")
+    return origin if origin and origin != stage1_origin(face_steps) else None
+
+
+def check_output(args: argparse.Namespace, output: Path, stages: list[str], face_steps: int = 0) -> OutputCleanup:
     """Refuses a missing ``--resume`` folder, a fresh start over an earlier run (unless ``--overwrite``, or
-    the smoke preset in its default folder) and a resume from an older checkpoint that leaves later ones
-    behind (unless ``--overwrite``); returns what to delete."""
+    the smoke preset in its default folder), a resume from an older checkpoint that leaves later ones
+    behind (unless ``--overwrite``) and a stage 2 resumed on top of another stage-1 result; returns what
+    to delete."""
     from adaface_core.errors import ConfigError
 
     from trainer.checkpointing import find_resume_checkpoint
@@ -140,6 +161,12 @@ def check_output(args: argparse.Namespace, output: Path, stages: list[str]) -> O
     if args.resume is not None and all(find_resume_checkpoint(args.resume, name) is None for name in stages):
         raise ConfigError(f"--resume {args.resume}: no {' or '.join(stages)} checkpoint there (give the run's output "
                           "folder, a stage folder, its checkpoints/ folder or one step_* folder)")
+    origin = stale_stage2(args.resume, stages, face_steps)
+    if origin is not None:
+        raise ConfigError(f"--resume {args.resume}: its stage-2 checkpoints were trained from stage 1 at {origin}, but "
+                          f"stage 1 now ends at step {face_steps}: keep face.max_steps, or finish stage 1 with --stage "
+                          "face and train stage 2 afresh into another --output (models.init_inverter: the new "
+                          "face/adaface_inverter.safetensors)")
     cleanup = OutputCleanup(earlier_runs(output, stages, args.resume), abandoned_checkpoints(output, stages, args.resume))
     if cleanup.start_over and not (args.overwrite or (args.preset == "smoke" and args.output is None)):
         name, latest = next(iter(cleanup.start_over.items()))
@@ -167,8 +194,10 @@ def make_accelerator(config):
     return accelerator
 
 
-def run_stage(name: str, config, models, accelerator, output: Path, resume: Optional[Path], args) -> object:
-    """Builds stage ``name`` through its registered builder and trains it; returns a ``StageResult``."""
+def run_stage(name: str, config, models, accelerator, output: Path, resume: Optional[Path], args,
+              metadata: Optional[dict[str, str]] = None) -> object:
+    """Builds stage ``name`` through its registered builder and trains it; returns a ``StageResult``.
+    ``metadata`` goes into every checkpoint and the result."""
     from trainer.loop import Trainer
     from trainer.stages import get_stage_builder
 
@@ -178,7 +207,7 @@ def run_stage(name: str, config, models, accelerator, output: Path, resume: Opti
         stage, stage_config, models, accelerator, output / name,
         seed=config.run.seed, save_every=config.run.save_every, keep_last=config.run.keep_last,
         log_every=config.run.log_every, resume=resume, tensorboard=config.run.tensorboard,
-        crash_at_step=args.crash_at_step, show_progress=not args.no_progress,
+        crash_at_step=args.crash_at_step, show_progress=not args.no_progress, metadata=metadata,
     )
     report = None
     if hasattr(stage, "evaluate"):  # stages with a held-out check (stage 2) are measured at start and end
@@ -218,7 +247,7 @@ def main(argv: Optional[list[str]] = None) -> RunResult:
         return RunResult(Path(config.run.output))
     output = Path(config.run.output)
     stages = ["face", "composition"] if config.stage == "both" else [config.stage]
-    cleanup = check_output(args, output, stages)
+    cleanup = check_output(args, output, stages, config.face.max_steps)
     accelerator = make_accelerator(config)
     if not accelerator.is_main_process:
         logging.getLogger().setLevel(logging.WARNING)  # one copy of the INFO lines
@@ -247,7 +276,9 @@ def main(argv: Optional[list[str]] = None) -> RunResult:
     result = RunResult(output)
     with compiled_unets_see_hooks(config.run):
         for name in stages:
-            result.stages.append(run_stage(name, config, models, accelerator, output, args.resume, args))
+            # Stage 2 after stage 1 in one run records which stage-1 result it trains on (see stale_stage2).
+            origin = {"starts_from": stage1_origin(config.face.max_steps)} if name == "composition" and "face" in stages else None
+            result.stages.append(run_stage(name, config, models, accelerator, output, args.resume, args, origin))
         if args.preset == "smoke" and accelerator.is_main_process:
             from trainer.presets import smoke_check
 
