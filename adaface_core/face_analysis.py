@@ -6,7 +6,7 @@ used, since it downloads at run time and guesses providers. The largest face by 
 the subject (the reference code's sort key lacks parentheses). Detection retries at smaller sizes
 and with a black border before reporting "no face", because frame-filling faces and tight crops
 are the usual misses; for the same reason a first find of only small faces (a bystander) is checked
-against the other tries. Several photos of one person average their unit vectors, and a photo without
+with one cheap try for a frame-filling face. Several photos of one person average their unit vectors, and a photo without
 a face is reported and skipped rather than ending the run.
 """
 
@@ -34,8 +34,8 @@ LARGE_CANVAS_SIDES = (1280, 1920)
 SMALL_IMAGE_SIDE = 256  # below this, tight crops are framed in a border before the first try
 BYSTANDER_FRACTION = 4
 """A first hit whose largest face is under 1/4 of the photo's shorter side may be a bystander beside a
-frame-filling face that try missed: the other tries at the detector's sizes run too, and one whose largest
-face is at least twice as big wins."""
+frame-filling face that try missed: one more try, with a border at the smallest detector size (a sixth of
+the first try's cost), runs, and its faces win when its largest is at least twice as big."""
 ALIGNED_SIZE = 112
 MIN_FACE_SIDE = 24
 """Shorter box side (original pixels) below which a face is refused: ArcFace cannot tell people apart there."""
@@ -106,6 +106,11 @@ class IdentityResult:
     @property
     def used_names(self) -> list[str]:
         return [face.name for face in self.faces]
+
+
+def _largest_side(boxes: np.ndarray) -> float:
+    """The side of the square as large as the largest box: a face's size, whatever its aspect."""
+    return float(np.sqrt(np.max((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]))))
 
 
 def average_identity(vectors: Sequence[np.ndarray]) -> np.ndarray:
@@ -246,30 +251,32 @@ class FaceAnalyzer:
                 if side >= longest:
                     break
 
+    def _try(self, canvas: DetectionCanvas, size: tuple[int, int]) -> Optional[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """One detector run: boxes, keypoints (original pixels) and scores, or None when it finds no face."""
+        height, width = canvas.image.shape[:2]
+        if min(height, width) * min(size) < max(height, width):
+            return None  # a sliver (e.g. 1x300): the detector's aspect-keeping resize would make a side 0 px
+        dets, kps = self.detector.detect(canvas.image, input_size=size, max_num=0)
+        if dets is None or not len(dets) or kps is None:
+            return None
+        boxes, points = canvas.to_original(dets, kps)
+        return boxes, points, dets[:, 4].astype(np.float32)
+
     def _detect(self, bgr: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Boxes ``[n, 4]``, keypoints ``[n, 5, 2]`` (original pixels) and scores ``[n]`` of one try: the first
-        that finds a face, unless that face is small enough to be a bystander (``BYSTANDER_FRACTION``)."""
-        found: Optional[tuple[np.ndarray, np.ndarray, np.ndarray]] = None
-        found_side = 0.0
+        """Boxes ``[n, 4]``, keypoints ``[n, 5, 2]`` (original pixels) and scores ``[n]`` from the first try that
+        finds any; when its faces are all small, one cheap try with a border checks for a frame-filling face
+        that try missed (``BYSTANDER_FRACTION``)."""
         for attempt, (canvas, size, enlarged) in enumerate(self._attempts(bgr)):
-            if found is not None and enlarged:
-                break  # larger canvases only bring out small faces, and one was found
-            height, width = canvas.image.shape[:2]
-            if min(height, width) * min(size) < max(height, width):
-                continue  # a sliver (e.g. 1x300): the detector's aspect-keeping resize would make a side 0 px
-            dets, kps = self.detector.detect(canvas.image, input_size=size, max_num=0)
-            if dets is None or not len(dets) or kps is None:
+            found = self._try(canvas, size)
+            if found is None:
                 continue
-            boxes, points = canvas.to_original(dets, kps)
-            side = float(np.sqrt(np.max((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]))))
-            if found is None or side >= 2 * found_side:
-                if attempt:
-                    logger.debug("face of %.0f px taken from try %d (canvas %s, det size %s)", side, attempt + 1,
-                                 canvas.image.shape[:2], size)
-                found, found_side = (boxes, points, dets[:, 4].astype(np.float32)), side
-            if found_side * BYSTANDER_FRACTION >= min(bgr.shape[:2]):
-                break
-        if found is not None:
+            if attempt:
+                logger.debug("face found on try %d (canvas %s, det size %s)", attempt + 1, canvas.image.shape[:2], size)
+            if not enlarged and _largest_side(found[0]) * BYSTANDER_FRACTION < min(bgr.shape[:2]):
+                closer = self._try(detection_canvas(bgr, self.max_side, True), min(self.det_sizes, key=min))
+                if closer is not None and _largest_side(closer[0]) >= 2 * _largest_side(found[0]):
+                    logger.debug("a frame-filling face outranks the %.0f px one found first", _largest_side(found[0]))
+                    return closer
             return found
         empty = np.zeros((0,), np.float32)
         return empty.reshape(0, 4), empty.reshape(0, 5, 2), empty
