@@ -167,8 +167,10 @@ def _content(chunk: Sequence[Entry], special: SpecialTokens) -> list[Entry]:
 def _runs(chunks: Sequence[Sequence[Entry]], special: SpecialTokens) -> list[list[int]]:
     """Chunk indices grouped into runs of continuous text: a chunk filled to the brim continues in the next.
 
-    Why: ComfyUI cuts a long stretch of prompt at exactly 75 tokens, wherever that falls, so a placeholder
-    of several tokens (``zwx``, ``jane doe``) can start at the end of one chunk and finish in the next.
+    Why: ComfyUI's SD1 tokenizer cuts a stretch of 8 tokens or more (a weighted segment, e.g. all the
+    unweighted text) at exactly 75 tokens, wherever that falls, so a placeholder of several tokens (``zwx``,
+    ``jane doe``) can start at the end of one chunk and finish in the next. (A shorter segment that does not
+    fit moves whole to the next chunk, leaving the first one padded: not full, so not joined.)
     """
     runs: list[list[int]] = []
     for index, chunk in enumerate(chunks):
@@ -189,7 +191,7 @@ def inject_into_chunks(
     """Replaces each slot's placeholder in ComfyUI-shaped token chunks by its subject tokens.
 
     Every chunk keeps exactly its original length. A chunk that overflows after replacement is
-    split; chunks without placeholders are returned as they were. A placeholder absent from the
+    split; a run of chunks without placeholders is returned as it was. A placeholder absent from the
     prompt is an error, unless ``append_if_missing`` puts the subject at the end. ``chunks`` may
     also be a plain tokenizer's output (see ``as_token_chunks``). Full chunks and the one after them
     count as one text (``_runs``), so a placeholder cut by a chunk boundary is found. ``starts``, per
