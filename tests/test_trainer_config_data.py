@@ -224,6 +224,10 @@ def test_a_config_file_is_laid_over_the_smoke_preset(tmp_path):
     assert config.composition.extra["heldout_size"] == 3 and config.composition.extra["heldout_batches"] == 2
     assert config.stage == "both" and config.data.root == first.data.root and config.data.image_size == 64
     config.validate(check_paths=True)
+    # Its folder is the one the preset claimed: a run.output in the file would train into another run's folder.
+    changes.write_text("run:\n  output: elsewhere\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="run.output elsewhere is not the smoke preset's folder"):
+        smoke_config(tmp_path / "smoke", changes)
 
 
 def test_an_interrupted_face_analysis_keeps_what_it_had_done(tmp_path, monkeypatch):

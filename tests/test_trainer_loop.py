@@ -168,14 +168,17 @@ def test_a_folder_of_the_other_stage_resumes_each_stage_from_its_own_checkpoints
             (folder / name).write_bytes(b"")
         return folder
 
-    face, (branch, latest) = checkpoint("face", 30), (checkpoint("composition", 5), checkpoint("composition", 10))
+    older_face, face = checkpoint("face", 20), checkpoint("face", 30)
+    branch, latest = checkpoint("composition", 5), checkpoint("composition", 10)
     find = checkpointing.find_resume_checkpoint
     for given in (branch, branch.parent, branch.parent.parent):
         assert find(given, "face") == face, given
     assert find(branch, "composition") == branch
     assert find(branch.parent, "composition") == find(tmp_path / "out", "composition") == latest
-    assert find(face.parent.parent, "composition") == latest
+    assert find(face.parent.parent, "composition") == find(face, "composition") == latest
     assert find(tmp_path / "out", "face") == find(face, "face") == face
+    # Stage 1 branched at an older step: stage 2's checkpoints grew from the branch left, none is resumed.
+    assert find(older_face, "face") == older_face and find(older_face, "composition") is None
 
 
 PRODIGY_WARMUP = {"optim": {"optimizer": "prodigy", "batch_size": 2, "grad_accum": 2, "warmup_steps": 8},

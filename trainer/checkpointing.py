@@ -140,24 +140,26 @@ def checkpoints_after(checkpoints_dir: Path, step: int) -> list[Path]:
 def find_resume_checkpoint(path: Union[str, Path], stage: str) -> Optional[Path]:
     """``path`` may be a run's output folder, a stage folder, its ``checkpoints/`` folder or one ``step_*`` folder.
 
-    A stage folder, ``checkpoints/`` or ``step_*`` of the run's other stage stands for its run folder: the
-    latest checkpoint of ``stage`` there. Why: ``--stage both --resume <out>/composition/checkpoints/step_N``
-    must branch stage 2 at step N, not hand stage 1 a stage-2 checkpoint (which started stage 1 over).
+    A folder of the run's other stage stands for its run: the latest checkpoint of ``stage`` there. Why:
+    ``--stage both --resume <out>/composition/checkpoints/step_N`` must branch stage 2 at step N, not hand
+    stage 1 a stage-2 checkpoint (which started stage 1 over). A stage-1 ``step_N`` older than stage 1's
+    latest gives stage 2 nothing: its checkpoints grew from the stage-1 branch being left.
     """
     path = Path(path)
     if STEP_DIR.match(path.name) and (path / STATE_FILE).is_file():
-        stage_dir = path.parent.parent
-        if stage_dir.name in STAGE_FOLDERS and stage_dir.name != stage:
-            return _latest(stage_dir.parent / stage / "checkpoints")
-        return path
-    for candidate in (path / stage / "checkpoints", path / "checkpoints", path):
-        found = list_checkpoints(candidate)
-        if found:
-            stage_dir = candidate.parent
-            if stage_dir.name in STAGE_FOLDERS and stage_dir.name != stage:
-                return _latest(stage_dir.parent / stage / "checkpoints")
-            return found[-1][1]
-    return None
+        chosen, stage_dir = path, path.parent.parent
+    else:
+        chosen = stage_dir = None
+        for candidate in (path / stage / "checkpoints", path / "checkpoints", path):
+            found = list_checkpoints(candidate)
+            if found:
+                chosen, stage_dir = found[-1][1], candidate.parent
+                break
+    if chosen is None or stage_dir.name not in STAGE_FOLDERS or stage_dir.name == stage:
+        return chosen
+    if stage == STAGE_FOLDERS[1] and chosen != _latest(stage_dir / "checkpoints"):
+        return None
+    return _latest(stage_dir.parent / stage / "checkpoints")
 
 
 def _latest(checkpoints_dir: Path) -> Optional[Path]:

@@ -19,6 +19,8 @@ from .config import ExpansionConfig, FaceLossConfig, OptimConfig, StageConfig, T
 logger = logging.getLogger(__name__)
 
 SMOKE_PROMPT = "a photo of z in the forest"
+TINY_MODELS_MARKER = ".complete"
+"""Written last into ``<output>/models`` once the tiny models are complete."""
 SMOKE_MARKER = ".adaface-smoke"
 """Marks an output folder the smoke preset made: only there may it replace what it finds."""
 
@@ -31,7 +33,8 @@ def claim_smoke_folder(output: Path) -> None:
     """
     from adaface_core.errors import ConfigError
 
-    if output.is_dir() and any(output.iterdir()) and not (output / SMOKE_MARKER).is_file():
+    made_here = (output / SMOKE_MARKER).is_file() or (output / "models" / TINY_MODELS_MARKER).is_file()  # or an older smoke run
+    if output.is_dir() and any(output.iterdir()) and not made_here:
         raise ConfigError(f"--output {output} holds files the smoke preset did not make; give the smoke run a new "
                           "or empty folder (it builds models/ and data/ there)")
     output.mkdir(parents=True, exist_ok=True)
@@ -42,7 +45,7 @@ def write_tiny_models(root: Path) -> tuple[Path, Path]:
     from adaface_core.tiny_models import TinySpec, write_arc2face_folder, write_sd15_folder
 
     sd, a2f = root / "sd15", root / "arc2face"
-    marker = root / ".complete"
+    marker = root / TINY_MODELS_MARKER
     if not marker.is_file():
         shutil.rmtree(root, ignore_errors=True)
         spec = TinySpec()
@@ -114,7 +117,15 @@ def smoke_config(output: Path, config_file: Optional[Path] = None) -> TrainConfi
         extra={"heldout_size": 2, "heldout_batches": 2},
     )
     config.stage = "both"
-    return load_config(config_file, base=config) if config_file else config
+    if config_file is None:
+        return config
+    config = load_config(config_file, base=config)
+    if Path(config.run.output).resolve() != output.resolve():
+        from adaface_core.errors import ConfigError
+
+        raise ConfigError(f"{config_file}: run.output {config.run.output} is not the smoke preset's folder {output}: "
+                          "choose the folder with --output")
+    return config
 
 
 def smoke_check(config: TrainConfig, models, result, output: Path) -> dict:
