@@ -264,7 +264,7 @@ def compute_face_ids(
             kept.append(image)
             keys.append(key)
             vectors.append(cached[key])
-    except BaseException:  # Ctrl-C or a kill signal turned exception: hours of analysis are not lost
+    except BaseException:  # Ctrl-C (or any error): hours of analysis are not lost; a SIGKILL loses a minute
         try:
             save_progress()
         except Exception as exc:  # a full disk must not hide why the analysis stopped

@@ -217,6 +217,7 @@ def heldout_settings(settings: CompositionSettings, config: TrainConfig, placeho
     """What the held-out figures depend on (the training-only knobs left out): a resume under other values
     measures the stage's start again (``HeldoutReport``)."""
     measured = {k: v for k, v in dataclasses.asdict(settings).items() if k not in ("random_id_prob", "face_loss_bound")}
+    measured["weights"].pop("face_preserve")  # the held-out draws weigh the delta terms only
     return dict(measured, placeholder=placeholder, face_loss=dataclasses.asdict(config.face.loss),
                 image_size=config.data.image_size)
 
