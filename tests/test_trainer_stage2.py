@@ -69,6 +69,15 @@ def test_stage_both_continues_from_stage1_result(models_root, tmp_path):
     assert [(p.name, p.stat().st_mtime_ns) for p in sorted((out / "composition").rglob("*"))] == kept
 
 
+def test_a_capture_layer_the_unet_lacks_stops_the_run_before_stage_1(models_root, tmp_path):
+    """Found at stage 2's first step, the typo cost all of stage 1; a mistyped entry beside a good one was dropped."""
+    values = stage2_config(models_root, tmp_path / "run", stage="both")
+    values["composition"]["extra"]["capture_layers"] = ["up_blocks.1", "up_blocks.9"]
+    with pytest.raises(ConfigError, match=r"capture_layers: no cross-attention layer matches \['up_blocks.9'\]"):
+        run_cli(write_config(tmp_path / "c.yaml", values))
+    assert not (tmp_path / "run" / "face" / "checkpoints").exists()
+
+
 def test_resumed_stage2_compares_with_the_stage_start(models_root, tmp_path):
     """In place or into another --output, a resumed stage 2 reports against the stage's true start and
     keeps the loss rows of the steps before its checkpoint."""

@@ -270,6 +270,10 @@ def main(argv: Optional[list[str]] = None) -> RunResult:
     for name in stages:
         get_stage_builder(name)  # a missing stage fails before minutes of model loading
     models = build_models(config, accelerator.device, frozen_dtype_for(config, accelerator.device))
+    if "composition" in stages:
+        from trainer.stage_composition import check_capture_layers
+
+        check_capture_layers(models.unet, config.composition)
     from trainer.speed import apply_speed_options, compiled_unets_see_hooks
 
     apply_speed_options(models, config.run)

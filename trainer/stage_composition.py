@@ -31,6 +31,7 @@ from .compositions import (DEFAULT_TEMPLATE, CompositionPool, PromptQuad, aligne
 from .config import StageConfig, TrainConfig, section_from_mapping
 from .face_masks import attach_detector_masks
 from .face_space import FaceBatch, FaceSpace
+from .feature_capture import select_cross_attention_layers
 from .loop import heldout_loss, precision_context
 from .losses_composition import CompositionLossWeights, composition_step, prompt_delta_weights
 from .losses_face import FaceDistillationLoss, FaceStage
@@ -93,6 +94,19 @@ def composition_settings(stage_config: StageConfig) -> CompositionSettings:
     if not has_one_subject_slot(settings.template):
         raise ConfigError(f"composition.extra.template must hold '{{subject}}' once, got {settings.template!r}")
     return settings
+
+
+def check_capture_layers(unet: torch.nn.Module, stage_config: StageConfig) -> None:
+    """Names each ``capture_layers`` entry that matches no cross-attention layer of this UNet, before stage 1
+    trains: the first stage-2 step would otherwise fail hours later (or quietly drop a mistyped entry)."""
+    from adaface_core.errors import ConfigError
+
+    layers = composition_settings(stage_config).layers
+    for prefix in [layers] if isinstance(layers, str) else layers:
+        try:
+            select_cross_attention_layers(unet, [prefix] if prefix != "all" else "all")
+        except ValueError as exc:
+            raise ConfigError(f"composition.extra.capture_layers: {exc}") from None
 
 
 def split_pool(pool: CompositionPool, heldout: int) -> tuple[CompositionPool, CompositionPool]:
