@@ -9,11 +9,15 @@ import torch
 from .errors import ConfigError
 
 
+def _mps_available() -> bool:
+    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+
+
 def default_device() -> torch.device:
     """CUDA (also ROCm builds), then Apple MPS, then CPU."""
     if torch.cuda.is_available():
         return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+    if _mps_available():
         return torch.device("mps")
     return torch.device("cpu")
 
@@ -27,8 +31,7 @@ def chosen_device(name: Optional[str]) -> torch.device:
         device = torch.device(name)
     except (RuntimeError, TypeError):
         raise ConfigError(f"unknown device {name!r}: use cpu, cuda, cuda:1, mps, ...") from None
-    available = {"cuda": torch.cuda.is_available,
-                 "mps": lambda: getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()}
+    available = {"cuda": torch.cuda.is_available, "mps": _mps_available}
     if device.type in available and not available[device.type]():
         raise ConfigError(f"device {name!r} is not available with this torch build on this machine")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():

@@ -164,8 +164,9 @@ def _content(chunk: Sequence[Entry], special: SpecialTokens) -> list[Entry]:
     return body[: next((i for i, e in enumerate(body) if _token_id(e) == special.end), len(body))]
 
 
-def _runs(chunks: Sequence[Sequence[Entry]], special: SpecialTokens) -> list[list[int]]:
-    """Chunk indices grouped into runs of continuous text: a chunk filled to the brim continues in the next.
+def _runs(contents: Sequence[Sequence[Entry]], capacity: int) -> list[list[int]]:
+    """Chunk indices (of the chunks' ``_content``) grouped into runs of continuous text: a chunk filled to the
+    brim (``capacity`` entries) continues in the next.
 
     Why: ComfyUI's SD1 tokenizer cuts a stretch of 8 tokens or more (a weighted segment, e.g. all the
     unweighted text) at exactly 75 tokens, wherever that falls, so a placeholder of several tokens (``zwx``,
@@ -173,8 +174,8 @@ def _runs(chunks: Sequence[Sequence[Entry]], special: SpecialTokens) -> list[lis
     fit moves whole to the next chunk, leaving the first one padded: not full, so not joined.)
     """
     runs: list[list[int]] = []
-    for index, chunk in enumerate(chunks):
-        if runs and len(_content(chunks[runs[-1][-1]], special)) == len(chunk) - 2:
+    for index in range(len(contents)):
+        if runs and len(contents[runs[-1][-1]]) == capacity:
             runs[-1].append(index)
         else:
             runs.append([index])
@@ -208,9 +209,10 @@ def inject_into_chunks(
             raise ConfigError(f"token chunks must all have {length} entries, got one of {len(chunk)}")
     found: set[str] = set()
     out: list[list[Entry]] = []
-    for index, run in enumerate(_runs(chunks, special)):
+    contents = [_content(chunk, special) for chunk in chunks]
+    for index, run in enumerate(_runs(contents, length - 2)):
         found_here: set[str] = set()
-        content = [entry for i in run for entry in _content(chunks[i], special)]
+        content = [entry for i in run for entry in contents[i]]
         units = _replace_in_content(content, slots, found_here, None if starts is None else starts[index])
         found |= found_here
         if not found_here:  # nothing replaced: keep the chunks untouched
@@ -263,14 +265,17 @@ def standalone_starts(
 
     None when the two differ anywhere else, i.e. a tokenizer for which the comparison does not hold.
     """
-    runs = _runs(chunks, special)
-    if (len(chunks) != len(masked) or any(len(a) != len(b) for a, b in zip(chunks, masked))
-            or _runs(masked, special) != runs):
+    if len(chunks) != len(masked) or any(len(a) != len(b) for a, b in zip(chunks, masked)):
+        return None
+    contents, others = [_content(c, special) for c in chunks], [_content(c, special) for c in masked]
+    capacity = len(chunks[0]) - 2 if chunks else 0
+    runs = _runs(contents, capacity)
+    if _runs(others, capacity) != runs:
         return None
     starts = []
     for run in runs:
-        content = [entry for i in run for entry in _content(chunks[i], special)]
-        other = [entry for i in run for entry in _content(masked[i], special)]
+        content = [entry for i in run for entry in contents[i]]
+        other = [entry for i in run for entry in others[i]]
         if len(content) != len(other):
             return None
         differing = {i for i, (a, b) in enumerate(zip(content, other)) if _token_id(a) != _token_id(b)}

@@ -149,11 +149,9 @@ def find_resume_checkpoint(path: Union[str, Path], stage: str) -> Optional[Path]
     if STEP_DIR.match(path.name) and (path / STATE_FILE).is_file():
         chosen, stage_dir = path, path.parent.parent
     else:
-        chosen = stage_dir = None
         for candidate in (path / stage / "checkpoints", path / "checkpoints", path):
-            found = list_checkpoints(candidate)
-            if found:
-                chosen, stage_dir = found[-1][1], candidate.parent
+            chosen, stage_dir = _latest(candidate), candidate.parent
+            if chosen is not None:
                 break
     if chosen is None or stage_dir.name not in STAGE_FOLDERS or stage_dir.name == stage:
         return chosen

@@ -198,10 +198,9 @@ def _read_id_cache(cache_file: Path, face_models: str) -> tuple[dict[str, torch.
             set(json.loads(metadata.get("unreadable", "[]"))))
 
 
-def _write_id_cache(cache_file: Path, vectors: dict[str, torch.Tensor], no_face: set[str], unreadable: set[str],
-                    face_models: str) -> None:
-    keys = list(vectors)
-    stacked = torch.stack([vectors[k] for k in keys]).float() if keys else torch.zeros(0)
+def _write_id_cache(cache_file: Path, keys: list[str], stacked: torch.Tensor, no_face: set[str],
+                    unreadable: set[str], face_models: str) -> None:
+    """``stacked``: the ``[len(keys), D]`` vectors of ``keys``, in order."""
     atomic_save_safetensors({"vectors": stacked}, cache_file,
                             {"keys": json.dumps(keys), "no_face": json.dumps(sorted(no_face)),
                              "unreadable": json.dumps(sorted(unreadable)), "face_models": face_models})
@@ -232,8 +231,9 @@ def compute_face_ids(
     def save_progress() -> None:
         """What is known so far, old entries included: an interrupted analysis resumes where it stopped."""
         if analysed:
-            _write_id_cache(cache_file, cached, no_face_cached | set(no_face), unreadable_cached | set(unreadable),
-                            face_models)
+            vectors_so_far = torch.stack(list(cached.values())).float() if cached else torch.zeros(0)
+            _write_id_cache(cache_file, list(cached), vectors_so_far,
+                            no_face_cached | set(no_face), unreadable_cached | set(unreadable), face_models)
 
     try:
         for image in images:
@@ -282,7 +282,7 @@ def compute_face_ids(
         raise ConfigError(f"none of the {len(images)} images under {root} has a detectable face")
     stacked = torch.stack(vectors).float()
     if analyzer is not None or not cache_file.is_file():  # this set of photos only: entries of deleted ones go
-        _write_id_cache(cache_file, dict(zip(keys, vectors)), set(no_face), set(unreadable), face_models)
+        _write_id_cache(cache_file, keys, stacked, set(no_face), set(unreadable), face_models)
     logger.info("%d training faces (%d skipped), ArcFace vectors cached in %s", len(kept), len(skipped), cache_file)
     return kept, stacked
 

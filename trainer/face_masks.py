@@ -63,10 +63,6 @@ def _read_boxes(cache_file: Path, face_models: str) -> dict:
     return stored["boxes"]
 
 
-def _write_boxes(cache_file: Path, boxes: dict, face_models: str) -> None:
-    atomic_write_text(cache_file, json.dumps({"face_models": face_models, "boxes": boxes}))
-
-
 def attach_detector_masks(images: FaceImages, analyzer_factory: Callable[[], object], cache_file: Path,
                           face_models: str = "") -> int:
     """Gives every photo without a mask file a box-and-keypoint ellipse mask (``images.fallback_masks``).
@@ -94,7 +90,7 @@ def attach_detector_masks(images: FaceImages, analyzer_factory: Callable[[], obj
         inside = ellipse_mask(cache[key]["bbox"], np.asarray(cache[key]["kps"]), width, height)
         masks[index] = Image.fromarray((inside * 255).astype(np.uint8))
     if changed:
-        _write_boxes(cache_file, cache, face_models)
+        atomic_write_text(cache_file, json.dumps({"face_models": face_models, "boxes": cache}))
     images.fallback_masks = {i: images.square_mask(m) for i, m in masks.items()}
     logger.info("%d photo(s) without a mask file use a detector-box mask", len(masks))
     return len(masks)

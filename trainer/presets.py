@@ -12,6 +12,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from adaface_core.errors import ConfigError
 from adaface_core.tiny_face_models import copy_buffalo_s_pack
 
 from .config import ExpansionConfig, FaceLossConfig, OptimConfig, StageConfig, TrainConfig, load_config
@@ -31,8 +32,6 @@ def claim_smoke_folder(output: Path) -> None:
     Why: the preset rebuilds ``<output>/models`` and writes photos into ``<output>/data/faces``; pointed at a
     ComfyUI folder or another run by mistake, it would delete models and mix its photos into a dataset.
     """
-    from adaface_core.errors import ConfigError
-
     made_here = (output / SMOKE_MARKER).is_file() or (output / "models" / TINY_MODELS_MARKER).is_file()  # or an older smoke run
     if output.is_dir() and any(output.iterdir()) and not made_here:
         raise ConfigError(f"--output {output} holds files the smoke preset did not make; give the smoke run a new "
@@ -121,8 +120,6 @@ def smoke_config(output: Path, config_file: Optional[Path] = None) -> TrainConfi
         return config
     config = load_config(config_file, base=config)
     if Path(config.run.output).resolve() != output.resolve():
-        from adaface_core.errors import ConfigError
-
         raise ConfigError(f"{config_file}: run.output {config.run.output} is not the smoke preset's folder {output}: "
                           "choose the folder with --output")
     return config

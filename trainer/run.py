@@ -79,42 +79,41 @@ def load_run_config(args: argparse.Namespace):
     return config
 
 
-def earlier_runs(output: Path, stages: list[str], resume: Optional[Path]) -> dict[str, Path]:
+def earlier_runs(output: Path, resumed: dict[str, Optional[Path]]) -> dict[str, Path]:
     """Stage folders of ``output`` holding a run this one would not resume: its latest checkpoint, or the
     final inverter of a finished run whose checkpoints were deleted to save space.
 
     Why: starting afresh there would cut the earlier run's loss log, overwrite its inverter and let
     ``keep_last`` delete the new checkpoints in favour of the old ones; a mistyped ``--resume`` led there.
+    ``resumed``: each stage's checkpoint that ``--resume`` names (None for none).
     """
-    from trainer.checkpointing import find_resume_checkpoint, list_checkpoints
+    from trainer.checkpointing import list_checkpoints
     from trainer.loop import FINAL_INVERTER
 
     found = {}
-    for name in stages:
+    for name, checkpoint in resumed.items():
         checkpoints = output / name / "checkpoints"
         existing = list_checkpoints(checkpoints)
-        resumed = find_resume_checkpoint(resume, name) if resume is not None else None
-        if existing and (resumed is None or resumed.resolve().parent != checkpoints.resolve()):
+        if existing and (checkpoint is None or checkpoint.resolve().parent != checkpoints.resolve()):
             found[name] = existing[-1][1]
         elif not existing and (output / name / FINAL_INVERTER).is_file():
             found[name] = output / name / FINAL_INVERTER
     return found
 
 
-def abandoned_checkpoints(output: Path, stages: list[str], resume: Optional[Path]) -> list[Path]:
+def abandoned_checkpoints(output: Path, resumed: dict[str, Optional[Path]]) -> list[Path]:
     """Checkpoints of ``output`` past an older one that ``--resume`` names in that same folder, latest first.
 
     Why: left there, they are the branch being abandoned: ``keep_last`` would prune the resumed branch's
     lower steps first, and a later plain ``--resume`` would continue the abandoned one.
     """
-    from trainer.checkpointing import checkpoint_step, checkpoints_after, find_resume_checkpoint
+    from trainer.checkpointing import checkpoint_step, checkpoints_after
 
     found: list[Path] = []
-    for name in stages if resume is not None else []:
+    for name, checkpoint in resumed.items():
         checkpoints = output / name / "checkpoints"
-        resumed = find_resume_checkpoint(resume, name)
-        if resumed is not None and resumed.resolve().parent == checkpoints.resolve():
-            found += checkpoints_after(checkpoints, checkpoint_step(resumed))
+        if checkpoint is not None and checkpoint.resolve().parent == checkpoints.resolve():
+            found += checkpoints_after(checkpoints, checkpoint_step(checkpoint))
     return found
 
 
@@ -132,16 +131,14 @@ def stage1_origin(face_steps: int) -> str:
     return f"face step {face_steps}"
 
 
-def stale_stage2(resume: Optional[Path], stages: list[str], face_steps: int) -> Optional[str]:
+def stale_stage2(resumed: dict[str, Optional[Path]], face_steps: int) -> Optional[str]:
     """The recorded origin of the stage-2 checkpoint a ``--stage both`` resume would continue, when it is not
     the stage-1 result this run ends with (face.max_steps raised or lowered since)."""
     from adaface_core.checkpoint import read_metadata
-    from trainer.checkpointing import INVERTER_FILE, find_resume_checkpoint
+    from trainer.checkpointing import INVERTER_FILE
 
-    if resume is None or stages != ["face", "composition"]:
-        return None
-    checkpoint = find_resume_checkpoint(resume, "composition")
-    if checkpoint is None:
+    checkpoint = resumed.get("composition")
+    if "face" not in resumed or checkpoint is None:
         return None
     origin = read_metadata(checkpoint / INVERTER_FILE).get("starts_from")
     return origin if origin and origin != stage1_origin(face_steps) else None
@@ -158,16 +155,17 @@ def check_output(args: argparse.Namespace, output: Path, stages: list[str], face
 
     if args.resume is not None and not args.resume.exists():
         raise ConfigError(f"--resume {args.resume}: no such folder (give the output folder of the run to continue)")
-    if args.resume is not None and all(find_resume_checkpoint(args.resume, name) is None for name in stages):
+    resumed = {name: find_resume_checkpoint(args.resume, name) if args.resume is not None else None for name in stages}
+    if args.resume is not None and not any(resumed.values()):
         raise ConfigError(f"--resume {args.resume}: no {' or '.join(stages)} checkpoint there (give the run's output "
                           "folder, a stage folder, its checkpoints/ folder or one step_* folder)")
-    origin = stale_stage2(args.resume, stages, face_steps)
+    origin = stale_stage2(resumed, face_steps)
     if origin is not None:
         raise ConfigError(f"--resume {args.resume}: its stage-2 checkpoints were trained from stage 1 at {origin}, but "
                           f"stage 1 now ends at step {face_steps}: keep face.max_steps, or finish stage 1 with --stage "
                           "face and train stage 2 afresh into another --output (models.init_inverter: the new "
                           "face/adaface_inverter.safetensors)")
-    cleanup = OutputCleanup(earlier_runs(output, stages, args.resume), abandoned_checkpoints(output, stages, args.resume))
+    cleanup = OutputCleanup(earlier_runs(output, resumed), abandoned_checkpoints(output, resumed))
     if cleanup.start_over and not (args.overwrite or (args.preset == "smoke" and args.output is None)):
         name, latest = next(iter(cleanup.start_over.items()))
         raise ConfigError(f"{output / name} holds an earlier run ({latest.name}): continue it with --resume {output}, "

@@ -25,6 +25,7 @@ from typing import Optional, Union
 import torch
 
 from adaface_core.devices import host_to_device
+from adaface_core.errors import ConfigError
 
 from .compositions import (DEFAULT_TEMPLATE, CompositionPool, PromptQuad, aligned_token_index, build_prompts,
                            has_one_subject_slot, load_composition_pool, sample_prompts)
@@ -82,8 +83,6 @@ def special_token_ids(tokenizer) -> list[int]:
 
 def composition_settings(stage_config: StageConfig) -> CompositionSettings:
     settings = section_from_mapping(CompositionSettings, stage_config.extra, "composition.extra")
-    from adaface_core.errors import ConfigError
-
     if not 0.0 <= settings.t_range[0] <= settings.t_range[1] <= 1.0:
         raise ConfigError(f"composition.extra.t_range must be a range inside [0, 1], got {settings.t_range}")
     if not 0.0 <= settings.random_id_prob <= 1.0:
@@ -99,12 +98,12 @@ def composition_settings(stage_config: StageConfig) -> CompositionSettings:
 def check_capture_layers(unet: torch.nn.Module, stage_config: StageConfig) -> None:
     """Names each ``capture_layers`` entry that matches no cross-attention layer of this UNet, before stage 1
     trains: the first stage-2 step would otherwise fail hours later (or quietly drop a mistyped entry)."""
-    from adaface_core.errors import ConfigError
-
     layers = composition_settings(stage_config).layers
-    for prefix in [layers] if isinstance(layers, str) else layers:
+    if layers == "all":
+        return
+    for prefix in layers:
         try:
-            select_cross_attention_layers(unet, [prefix] if prefix != "all" else "all")
+            select_cross_attention_layers(unet, [prefix])
         except ValueError as exc:
             raise ConfigError(f"composition.extra.capture_layers: {exc}") from None
 
