@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import shutil
 import stat
 from pathlib import Path
 from typing import Callable, Optional, Union
@@ -18,7 +19,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .errors import AdaFaceError, CheckpointError, ModelFileMissingError
+from .errors import AdaFaceError, CheckpointError, ModelFileMissingError, WriteError
 from .inverter import InverterConfig, PromptInverter
 from .weights import check_shapes, state_shapes
 
@@ -70,6 +71,25 @@ def _new_file_beside(path: Path) -> Path:
     raise FileExistsError(f"cannot create a temporary file beside {path}")
 
 
+def write_failed(path: Path, exc: BaseException) -> WriteError:
+    """The error for a failed write, with the free space left: torch and safetensors report a full disk
+    as their own RuntimeError / SafetensorError, which names neither the file nor the cause."""
+    folder = next((p for p in (path, *path.parents) if p.is_dir()), None)
+    try:
+        free = f"; {shutil.disk_usage(folder).free / 2**20:.0f} MiB free there" if folder else ""
+    except OSError:
+        free = ""
+    return WriteError(f"cannot write {path}: {exc}{free}")
+
+
+def save_torch_file(obj: object, path: Path) -> None:
+    """``torch.save`` whose failure (a full disk) is a :class:`WriteError` naming the file."""
+    try:
+        torch.save(obj, path)
+    except (OSError, RuntimeError) as exc:
+        raise write_failed(path, exc) from exc
+
+
 def _atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
     """Runs ``write`` on a temporary file beside ``path``, flushes it, then renames it over ``path``:
     a crash leaves the old file or the new one, never half of one."""
@@ -77,7 +97,10 @@ def _atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
     tmp = _new_file_beside(path)
     try:
         mode = stat.S_IMODE(tmp.stat().st_mode)  # what the umask gives a new file here
-        write(tmp)
+        try:
+            write(tmp)
+        except (OSError, RuntimeError, SafetensorError) as exc:
+            raise write_failed(path, exc) from exc
         os.chmod(tmp, mode)  # safetensors writes a file of its own, 0600
         fsync_file(tmp)
         os.replace(tmp, path)

@@ -27,3 +27,7 @@ class PlaceholderError(AdaFaceError, ValueError):
 
 class ConfigError(AdaFaceError, ValueError):
     """A configuration value is missing, malformed or inconsistent."""
+
+
+class WriteError(AdaFaceError, OSError):
+    """A file could not be written (a full disk, a size limit, a read-only folder); nothing was replaced."""

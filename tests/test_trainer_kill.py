@@ -198,6 +198,49 @@ def test_resave_of_a_step_is_never_without_a_checkpoint(tiny_models, tmp_path, m
     assert _tag(checkpoints / "step_0000005") == "new"
 
 
+# A real write failure: the child process may write files of at most FILE_LIMIT bytes (as a full disk, the
+# write itself fails), for the inverter file first, then for the trainer state after it.
+_FULL_DISK_CHILD = """
+import resource, signal, sys
+from pathlib import Path
+import torch
+from adaface_core.checkpoint import load_inverter
+from adaface_core.errors import WriteError
+from test_trainer_kill import _OneProcess
+from trainer import checkpointing
+
+checkpoints, inverter_file = Path(sys.argv[1]), Path(sys.argv[2])
+inverter, size = load_inverter(inverter_file), inverter_file.stat().st_size
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails (EFBIG) instead of the process being killed
+hard = resource.getrlimit(resource.RLIMIT_FSIZE)[1]
+for limit in (size // 2, size + 65536):
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        checkpointing.save_checkpoint(checkpoints, 10, inverter, {"moments": torch.zeros(size // 2)}, _OneProcess(),
+                                      torch.Generator(), keep_last=3)
+    except WriteError as exc:
+        print("WriteError:", exc)
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="file-size limits are POSIX")
+def test_a_checkpoint_that_cannot_be_written_is_a_clear_error_and_keeps_the_last_one(tiny_models, tmp_path):
+    """torch and safetensors report a full disk as a RuntimeError / SafetensorError naming no file; the
+    trainer's command line shows a WriteError in one line, and no partial checkpoint is left to fill the disk."""
+    checkpoints = tmp_path / "checkpoints"
+    inverter = load_inverter(tiny_models.inverter)
+    _save(checkpoints, inverter, "kept")
+    env = dict(_env(), PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests")]))
+    done = subprocess.run([sys.executable, "-c", _FULL_DISK_CHILD, str(checkpoints), str(tiny_models.inverter)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    failures = [line for line in done.stdout.splitlines() if line.startswith("WriteError:")]
+    assert done.returncode == 0 and len(failures) == 2, done.stdout + done.stderr
+    for failure, file in zip(failures, (checkpointing.INVERTER_FILE, checkpointing.STATE_FILE)):
+        assert f"cannot write {checkpoints / '.tmp-step_0000010' / file}" in failure and "MiB free there" in failure
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step_0000005"]
+    assert _tag(checkpointing.find_resume_checkpoint(checkpoints, "face")) == "kept"
+
+
 def test_clean_stale_drops_the_old_copy_once_the_new_one_is_in(tiny_models, tmp_path):
     checkpoints = tmp_path / "checkpoints"
     inverter = load_inverter(tiny_models.inverter)

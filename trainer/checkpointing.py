@@ -30,8 +30,8 @@ from typing import Any, Optional, Union
 import numpy as np
 import torch
 
-from adaface_core.checkpoint import fsync_dir, fsync_file, load_inverter, save_inverter
-from adaface_core.errors import CheckpointError
+from adaface_core.checkpoint import fsync_dir, fsync_file, load_inverter, save_inverter, save_torch_file
+from adaface_core.errors import CheckpointError, WriteError
 from adaface_core.inverter import PromptInverter
 
 logger = logging.getLogger(__name__)
@@ -190,13 +190,18 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    torch.save(rng_state(generator), tmp / f"rng_rank{accelerator.process_index}.pt")
-    accelerator.wait_for_everyone()
+    try:
+        save_torch_file(rng_state(generator), tmp / f"rng_rank{accelerator.process_index}.pt")
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            meta = {"step": str(step)}
+            meta.update(metadata or {})
+            save_inverter(inverter, tmp / INVERTER_FILE, meta)
+            save_torch_file(dict(state, format=STATE_FORMAT, step=step), tmp / STATE_FILE)
+    except WriteError:
+        shutil.rmtree(tmp, ignore_errors=True)  # the earlier checkpoints stay; the partial one's space is freed
+        raise
     if accelerator.is_main_process:
-        meta = {"step": str(step)}
-        meta.update(metadata or {})
-        save_inverter(inverter, tmp / INVERTER_FILE, meta)
-        torch.save(dict(state, format=STATE_FORMAT, step=step), tmp / STATE_FILE)
         _fsync_tree(tmp)
         _move_into_place(tmp, final)
         for _, old in list_checkpoints(checkpoints_dir)[:-keep_last] if keep_last > 0 else []:
