@@ -31,6 +31,9 @@ logger = logging.getLogger(__name__)
 Entry = tuple  # (token, weight) or (token, weight, word_id)
 EMBEDDING_PREFIX = "embedding:"
 """How a ComfyUI prompt names a textual-inversion embedding (``embedding:name``)."""
+COMFY_MAX_WORD_LENGTH = 8
+"""ComfyUI's SD1 tokenizer moves a word (its word id: a weighted segment, or the text between two
+embeddings) of fewer tokens than this whole into the next chunk rather than cutting it at the chunk's end."""
 
 
 @dataclass(frozen=True)
@@ -137,8 +140,32 @@ def _replace_in_content(
     return units
 
 
+def _word_id(entry: Entry) -> int:
+    return int(entry[2]) if len(entry) == 3 else 0
+
+
+def _keep_short_words_whole(units: list[list[Entry]]) -> list[list[Entry]]:
+    """Joins the units of each word shorter than ``COMFY_MAX_WORD_LENGTH`` (counting subject tokens that
+    took a placeholder's place in it) into one, so a repack after the subject lengthened the prompt moves
+    ``(blue eyes:1.2)`` whole into the next chunk, as ComfyUI would. Needs word ids (3-wide entries)."""
+    sizes: dict[int, int] = {}
+    for unit in units:
+        for entry in unit:
+            sizes[_word_id(entry)] = sizes.get(_word_id(entry), 0) + 1
+    joined: list[list[Entry]] = []
+    for unit in units:
+        word = _word_id(unit[0])
+        if joined and word != 0 and _word_id(joined[-1][-1]) == word and sizes[word] < COMFY_MAX_WORD_LENGTH:
+            joined[-1] = joined[-1] + unit
+        else:
+            joined.append(unit)
+    return joined
+
+
 def _pack(units: list[list[Entry]], special: SpecialTokens, length: int, width: int) -> list[list[Entry]]:
-    """Greedily packs units into chunks of ``length`` entries; atomic units never straddle chunks."""
+    """Greedily packs units into chunks of ``length`` entries; atomic units (a subject's tokens, a short
+    word) never straddle chunks."""
+    units = _keep_short_words_whole(units)
     capacity = length - 2
     chunks: list[list[Entry]] = [[]]
     for unit in units:

@@ -18,8 +18,9 @@ SD1_KEY = "l"
 
 
 def sd1_chunks(clip: Any, text: str) -> list[list[tuple]]:
-    """The SD1 (CLIP-L) token chunks of ``text``; any other text encoder is refused."""
-    tokens = clip.tokenize(text)
+    """The SD1 (CLIP-L) token chunks of ``text``; any other text encoder is refused. With word ids, so a
+    chunk that overflows after injection is repacked as ComfyUI packs words."""
+    tokens = clip.tokenize(text, return_word_ids=True)
     if set(tokens) != {SD1_KEY}:
         raise UnsupportedClipError(
             f"AdaFace works with SD1.5 models only, but this CLIP has the text encoders {sorted(tokens)} "

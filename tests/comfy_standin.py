@@ -3,7 +3,8 @@
 What it mirrors (ComfyUI 0.3.x, ``comfy/sd1_clip.py`` and ``comfy/sd.py``; DESIGN §4):
 - ``clip.tokenize(text, return_word_ids=False)`` returns ``{"l": chunks}``; each chunk is exactly
   77 entries ``(token, weight)`` (``(token, weight, word_id)`` with word ids): start token, up to 75
-  prompt tokens, end token, then end tokens as padding. ``(word:1.2)`` sets a weight.
+  prompt tokens, end token, then end tokens as padding. ``(word:1.2)`` sets a weight. Packing as
+  ComfyUI's (word id per weighted segment; a segment under 8 tokens never straddles two chunks).
 - ``clip.encode_from_tokens(tokens, return_pooled=True)`` and ``encode_from_tokens_scheduled``:
   an entry whose token is a tensor of the encoder width is spliced in as that position's input
   embedding; one of another width is dropped with a warning (as ComfyUI does); weights other
@@ -38,27 +39,36 @@ class StandInClip:
         return StandInClip(self.tokenizer, self.text_model)
 
     # -- tokenize -------------------------------------------------------------------------
-    def _words(self, text: str) -> list[tuple[str, float]]:
+    def _segments(self, text: str) -> list[tuple[str, float]]:
+        """The prompt's weighted segments, as ComfyUI's ``token_weights`` splits it (no nesting here)."""
         pieces: list[tuple[str, float]] = []
         pos = 0
         for match in _WEIGHTED.finditer(text):
-            pieces += [(w, 1.0) for w in text[pos : match.start()].split()]
-            pieces += [(w, float(match.group(2))) for w in match.group(1).split()]
+            pieces += [(text[pos : match.start()], 1.0), (match.group(1), float(match.group(2)))]
             pos = match.end()
-        return pieces + [(w, 1.0) for w in text[pos:].split()]
+        return [(piece, weight) for piece, weight in pieces + [(text[pos:], 1.0)] if piece.strip()]
 
     def tokenize(self, text: str, return_word_ids: bool = False) -> dict[str, list[list[tuple]]]:
+        """ComfyUI's packing: one word id per segment; a segment of 8 tokens or more is cut at a chunk's
+        end, a shorter one that does not fit moves whole into the next chunk."""
         start, end = self.tokenizer.bos_token_id, self.tokenizer.eos_token_id
-        entries: list[tuple] = []
-        for word_id, (word, weight) in enumerate(self._words(text), start=1):
-            for token in self.tokenizer(word, add_special_tokens=False)["input_ids"]:
-                entries.append((token, weight, word_id) if return_word_ids else (token, weight))
         special = (lambda t: (t, 1.0, 0)) if return_word_ids else (lambda t: (t, 1.0))
-        chunks = []
-        for i in range(0, max(len(entries), 1), 75):
-            body = entries[i : i + 75]
-            chunks.append([special(start), *body, special(end)] + [special(end)] * (75 - len(body)))
-        return {"l": chunks}
+        bodies: list[list[tuple]] = [[]]
+        for word_id, (segment, weight) in enumerate(self._segments(text), start=1):
+            group = [(token, weight, word_id) if return_word_ids else (token, weight)
+                     for token in self.tokenizer(segment, add_special_tokens=False)["input_ids"]]
+            large = len(group) >= 8
+            while group:
+                room = 75 - len(bodies[-1])
+                if len(group) <= room:
+                    bodies[-1] += group
+                    group = []
+                else:
+                    if large:
+                        bodies[-1] += group[:room]
+                        group = group[room:]
+                    bodies.append([])
+        return {"l": [[special(start), *body, special(end)] + [special(end)] * (75 - len(body)) for body in bodies]}
 
     # -- encode ---------------------------------------------------------------------------
     def _chunk_embeds(self, chunk: list[tuple]) -> torch.Tensor:

@@ -67,6 +67,28 @@ def test_long_prompt_overflows_into_a_new_chunk_without_splitting_the_subject(cl
     assert out[1][17][0] == single_token_id(clip.tokenizer, "blue")[0]
 
 
+def comfy_chunk(clip, segments):
+    """One chunk as ComfyUI's SD1 tokenizer writes it with word ids: a word id per weighted segment."""
+    ends = special(clip)
+    body = [(token, weight, word) for word, (text, weight) in enumerate(segments, start=1)
+            for token in clip.tokenizer(text, add_special_tokens=False)["input_ids"]]
+    assert len(body) <= 75
+    return [(ends.start, 1.0, 0), *body, (ends.end, 1.0, 0)] + [(ends.pad, 1.0, 0)] * (75 - len(body))
+
+
+@pytest.mark.parametrize("tail, cut_at", [("blue eyes", 0), ("blue eyes and a long green coat on a rainy day", 1)])
+def test_an_overflow_moves_a_short_word_whole_and_cuts_a_long_one_as_comfyui_does(clip, tail, cut_at):
+    """ComfyUI moves a weighted segment of fewer than 8 tokens whole into the next chunk and cuts a longer one
+    at the chunk's end; the repack after the subject lengthened the prompt does the same. Here 58 tokens and
+    the 16 subject tokens leave one place in the first chunk."""
+    chunks = [comfy_chunk(clip, [(" ".join(["red"] * 58) + " z", 1.0), (tail, 1.2)])]
+    out = inject_into_chunks(chunks, [slot(clip, "s", torch.ones(16, 64))], special(clip))
+    tail_ids = clip.tokenizer(tail, add_special_tokens=False)["input_ids"]
+    assert len(out) == 2 and sum(isinstance(e[0], torch.Tensor) for e in out[0]) == 16
+    assert [e[0] for e in out[0] if e[1] == 1.2] == tail_ids[:cut_at]
+    assert [e[0] for e in out[1] if e[1] == 1.2] == tail_ids[cut_at:]
+
+
 def test_two_placeholders_take_two_subjects(clip):
     a, b = torch.full((16, 64), 1.0), torch.full((16, 64), 2.0)
     chunks = clip.tokenize("z and y at the beach")["l"]

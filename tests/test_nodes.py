@@ -280,6 +280,18 @@ def test_a_words_embedding_as_subject_equals_writing_the_word(env, clip):
     torch.testing.assert_close(cond, expected, atol=1e-5, rtol=1e-5)
 
 
+def test_a_prompt_the_subject_pushes_past_a_chunk_is_packed_as_comfyui_packs_the_same_words(env, clip):
+    """58 words and 16 subject tokens leave one place in the first chunk: ComfyUI would move the short
+    weighted group whole into the second chunk, and so does the injection."""
+    phrase = "dog cat red blue green big small old new tall short dark light warm cold soft"
+    subject = word_subject(env, clip, phrase)
+    assert subject.tokens.shape[0] == 16
+    cond = inject(env, clip, subject, " ".join(["red"] * 58) + " z (blue eyes:1.2)")[0][0]
+    expected = clip.encode_from_tokens(clip.tokenize(" ".join(["red"] * 58) + f" {phrase} (blue eyes:1.2)"))
+    assert cond.shape[1] == 154
+    torch.testing.assert_close(cond, expected, atol=1e-5, rtol=1e-5)
+
+
 def test_second_subject_goes_to_the_second_placeholder(env, clip):
     dog, cat = word_subject(env, clip, "dog"), word_subject(env, clip, "cat")
     cond = inject(env, clip, dog, "z and y on a sofa", subject_2=cat, placeholder_2="y")[0][0]
@@ -322,7 +334,7 @@ def test_missing_placeholder_is_a_clear_error_unless_appending(env, clip):
 
 def test_only_sd15_clips_of_the_subject_width_are_accepted(env, clip, subject):
     class SdxlClip:
-        def tokenize(self, text):
+        def tokenize(self, text, return_word_ids=False):
             return {"g": clip.tokenize(text)["l"], "l": clip.tokenize(text)["l"]}
 
     UnsupportedClipError = env.module("nodes.errors").UnsupportedClipError
