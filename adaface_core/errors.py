@@ -10,7 +10,12 @@ class ModelFileMissingError(AdaFaceError, FileNotFoundError):
 
 
 class NoFaceError(AdaFaceError, ValueError):
-    """No face was found in any of the given photos."""
+    """No usable face was found in a photo (or in any of the given photos)."""
+
+    def __init__(self, message: str, reason: str = "") -> None:
+        super().__init__(message)
+        self.reason = reason or message
+        """What was wrong with the photo, without the advice: what a list of skipped photos shows."""
 
 
 class CheckpointError(AdaFaceError, ValueError):

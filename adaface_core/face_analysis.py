@@ -41,6 +41,11 @@ MIN_FACE_SIDE = 24
 """Shorter box side (original pixels) below which a face is refused: ArcFace cannot tell people apart there."""
 SMALL_FACE_SIDE = 48
 """Below this the identity is used but a warning says it may be off."""
+SAME_PERSON_COSINE = 0.3
+"""A photo whose face is less like the other photos' mean than this is probably someone else (buffalo_s on
+the test photos: one person's pairs 0.53 or more, different people's 0.23 or less)."""
+CLOSE_SECOND_FACE = 0.5
+"""A second face at least this share of the largest's area makes "the largest" a close call."""
 NO_FACE_ADVICE = (
     "use a photo where the face is clearly visible, roughly frontal, not cut off by the frame and "
     f"not tiny (at least about {SMALL_FACE_SIDE} pixels across)"
@@ -67,6 +72,9 @@ class DetectedFace:
     name: str = ""
     embedding_norm: float = 0.0
     """Length of the raw embedding: low values go with blurred or odd crops."""
+    next_largest_area: float = 0.0
+    """True box area of the photo's next largest face (0 when it has one face): a close second means the
+    largest face may not be the person meant."""
 
     @property
     def embedding(self) -> np.ndarray:
@@ -126,6 +134,38 @@ def average_identity(vectors: Sequence[np.ndarray]) -> np.ndarray:
     return (mean / norm).astype(np.float32)
 
 
+def _listed(names: Sequence[str], shown: int = 5) -> str:
+    """Names for a log line: a 100-frame video's list is cut to its first few."""
+    names = list(names)
+    return ", ".join(names) if len(names) <= shown else f"{', '.join(names[:shown])} and {len(names) - shown} more"
+
+
+def _warn_about_strangers(faces: Sequence[DetectedFace]) -> None:
+    """Logs the photos that may put someone else into one person's average: a face unlike the mean of
+    the others (a wrong photo, a video whose largest face changes hands) and a largest face with a close
+    second (a group photo)."""
+    close_calls = [face.name for face in faces if face.next_largest_area >= CLOSE_SECOND_FACE * face.area > 0]
+    if close_calls:
+        logger.warning("%s %s faces of about the same size; the largest was used",
+                       _listed(close_calls), "has several" if len(close_calls) == 1 else "have several")
+    if len(faces) < 2:
+        return
+    vectors = np.stack([face.normed_embedding for face in faces])
+    total = vectors.sum(axis=0)
+    others = total[None, :] - vectors
+    likeness = np.einsum("nd,nd->n", vectors, others) / np.maximum(np.linalg.norm(others, axis=1), 1e-12)
+    usual = f"one person's photos are usually above {SAME_PERSON_COSINE:.1f}"
+    if len(faces) == 2 and likeness[0] < SAME_PERSON_COSINE:
+        logger.warning("the faces in %s and %s do not look like one person (cosine similarity %.2f; %s): both are "
+                       "averaged into one subject, so check the photos", faces[0].name, faces[1].name, likeness[0], usual)
+    elif len(faces) > 2:
+        strangers = [f"{face.name} ({value:.2f})" for face, value in zip(faces, likeness) if value < SAME_PERSON_COSINE]
+        if strangers:
+            logger.warning("the face in %s does not look like the others' (cosine similarity to their mean in "
+                           "brackets; %s): every photo is averaged into one subject, so check the photos",
+                           _listed(strangers), usual)
+
+
 def _fixed_detector_size(detector: Any) -> Optional[tuple[int, int]]:
     """(width, height) when the detector graph has a fixed input, which rules out the retries."""
     shape = detector.session.get_inputs()[0].shape
@@ -138,10 +178,9 @@ def _usable(face: DetectedFace) -> DetectedFace:
     """``face`` if it is big enough to identify someone; ``NoFaceError`` saying how small it is otherwise."""
     side = face.min_side
     if side < MIN_FACE_SIDE:
-        raise NoFaceError(
-            f"the face in {face.name} is only {side:.0f} pixels across, too small to identify anyone "
-            f"(at least {MIN_FACE_SIDE} are needed, {SMALL_FACE_SIDE} or more are better); use a larger photo or a closer crop"
-        )
+        reason = (f"the face in {face.name} is only {side:.0f} pixels across, too small to identify anyone "
+                  f"(at least {MIN_FACE_SIDE} are needed, {SMALL_FACE_SIDE} or more are better)")
+        raise NoFaceError(f"{reason}; use a larger photo or a closer crop", reason)
     if side < SMALL_FACE_SIDE:
         logger.warning("the face in %s is only %.0f pixels across; its identity may be off (%d or more are better)",
                        face.name, side, SMALL_FACE_SIDE)
@@ -307,6 +346,7 @@ class FaceAnalyzer:
             return []
         areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
         order = np.argsort(-areas, kind="stable")
+        next_largest = float(areas[order[1]]) if largest_only and len(order) > 1 else 0.0
         if largest_only:
             order = order[:1]
         feats, aligned = self._embed(bgr, kps[order])
@@ -322,6 +362,7 @@ class FaceAnalyzer:
                     aligned=aligned[row],
                     name=name,
                     embedding_norm=norm,
+                    next_largest_area=next_largest,
                 )
             )
         return faces
@@ -335,7 +376,7 @@ class FaceAnalyzer:
         name = name or image_name(image, 0)
         faces = self._faces(image, name, largest_only=True)
         if not faces:
-            raise NoFaceError(f"no face found in {name}; {NO_FACE_ADVICE}")
+            raise NoFaceError(f"no face found in {name}; {NO_FACE_ADVICE}", f"no face found in {name}")
         return _usable(faces[0])
 
     def identity(
@@ -347,8 +388,10 @@ class FaceAnalyzer:
         """One person's vector from one or several photos (or a ``BxHxWxC`` batch).
 
         The largest face of each photo counts once; photos without a face are listed in
-        ``skipped_names`` and logged, and only when none has a face is it an error. ``on_photo(done,
-        total)`` runs after each photo: a host's progress bar, and its chance to stop a long batch.
+        ``skipped_names`` and logged, and only when none has a face is it an error. A face unlike the
+        others' and a photo whose largest face is a close call are logged too: either puts a stranger
+        into the average. ``on_photo(done, total)`` runs after each photo: a host's progress bar, and
+        its chance to stop a long batch.
         """
         items = as_image_list(images)
         if not items:
@@ -363,15 +406,18 @@ class FaceAnalyzer:
                 faces.append(self.analyze(item, str(name)))
             except NoFaceError as error:
                 skipped.append(str(name))
-                reasons.append(str(error))
+                reasons.append(error)
             if on_photo is not None:
                 on_photo(done, len(items))
         if not faces:
             if len(items) == 1:
-                raise NoFaceError(reasons[0])
+                raise reasons[0]
             raise NoFaceError(f"no usable face in any of the {len(items)} photos ({', '.join(skipped)}); {NO_FACE_ADVICE}")
         if skipped:
-            logger.warning("no usable face in %s; using the other %d photo(s)", ", ".join(skipped), len(faces))
+            logger.warning("%s, so %s left out; the subject comes from %s", "; ".join(e.reason for e in reasons[:5])
+                           + (f" (and {len(reasons) - 5} more)" if len(reasons) > 5 else ""),
+                           "it was" if len(skipped) == 1 else "they were", _listed([face.name for face in faces]))
+        _warn_about_strangers(faces)
         return IdentityResult(
             embedding=average_identity([face.normed_embedding for face in faces]),
             faces=faces,

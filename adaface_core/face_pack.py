@@ -79,7 +79,7 @@ def onnx_providers(choice: str = "auto", available: Optional[Sequence[str]] = No
             raise ConfigError(
                 f"onnxruntime provider {chosen} was asked for, but this onnxruntime only offers "
                 f"{', '.join(available) or 'nothing'}. Install the matching build (onnxruntime-gpu for CUDA; "
-                "install it after insightface, which pulls the CPU build) or choose provider 'auto' or 'cpu'."
+                "install it after insightface, which pulls the CPU build) or choose the auto or CPU provider."
             )
     else:
         raise ConfigError(f"unknown face-analysis provider {choice!r}; use one of auto, {', '.join(PROVIDERS)}")

@@ -1,8 +1,6 @@
-"""Face → ID Embedding: reference photos (an IMAGE batch) become one subject."""
+"""Face → ID Embedding: reference photos (an IMAGE batch, or a list of photos of any sizes) become one subject."""
 
 from __future__ import annotations
-
-import logging
 
 import comfy.utils
 import numpy as np
@@ -13,13 +11,13 @@ from ..adaface_core.subject import SubjectEmbedding
 from .bundle import AdaFaceBundle
 from .types import ADAFACE, ADAFACE_SUBJECT, CATEGORY
 
-logger = logging.getLogger(__name__)
 
-
-def image_batch_to_photos(image: torch.Tensor) -> tuple[list[np.ndarray], list[str]]:
-    """ComfyUI IMAGE ``[B, H, W, C]`` floats in 0..1 -> 8-bit RGB arrays named "image 1", "image 2", ..."""
-    names = [f"image {i + 1}" for i in range(image.shape[0])]
-    return [to_rgb_uint8(image[i], name) for i, name in enumerate(names)], names
+def images_to_photos(images: list[torch.Tensor]) -> tuple[list[np.ndarray], list[str]]:
+    """ComfyUI IMAGEs ``[B, H, W, C]`` floats in 0..1 (a list: each may have its own size) -> 8-bit RGB
+    arrays named "image 1", "image 2", ... in order."""
+    frames = [batch[i] for batch in images for i in range(batch.shape[0])]
+    names = [f"image {i + 1}" for i in range(len(frames))]
+    return [to_rgb_uint8(frame, name) for frame, name in zip(frames, names)], names
 
 
 def crops_to_image(crops: list[np.ndarray]) -> torch.Tensor:
@@ -30,8 +28,8 @@ def crops_to_image(crops: list[np.ndarray]) -> torch.Tensor:
 class AdaFaceFaceEmbed:
     DESCRIPTION = (
         "Finds the face in each reference photo and turns the person into AdaFace subject tokens. "
-        "Several photos of one person (an image batch) are averaged; photos without a face are skipped "
-        "with a warning. The same photos are only analysed once."
+        "Several photos of one person (an image batch, or a list of photos of different sizes) are averaged "
+        "into one subject; photos without a face are skipped with a warning. The same photos are only analysed once."
     )
     CATEGORY = CATEGORY
     RETURN_TYPES = (ADAFACE_SUBJECT, "IMAGE")
@@ -41,28 +39,26 @@ class AdaFaceFaceEmbed:
         "The aligned face crop used from each photo (112x112), to check which face was picked.",
     )
     FUNCTION = "embed"
+    # A list of photos (RebatchImages, a load-images-from-folder node) is one person, not one run per photo;
+    # and photos of different sizes come as a list, as Image Batch would stretch them to the first one's size.
+    INPUT_IS_LIST = True
 
     @classmethod
     def INPUT_TYPES(cls) -> dict:
         return {
             "required": {
                 "adaface": (ADAFACE, {"tooltip": "The models from Load AdaFace."}),
-                "image": ("IMAGE", {"tooltip": "One or more photos of the same person (a batch is averaged)."}),
+                "image": ("IMAGE", {"tooltip": "One or more photos of the same person, all averaged: a batch, or a list for photos of different sizes (Image Batch stretches them to the first one's size, which distorts the face)."}),
             }
         }
 
-    def embed(self, adaface: AdaFaceBundle, image: torch.Tensor) -> tuple[SubjectEmbedding, torch.Tensor]:
-        photos, names = image_batch_to_photos(image)
+    def embed(self, adaface: list[AdaFaceBundle], image: list[torch.Tensor]) -> tuple[SubjectEmbedding, torch.Tensor]:
+        """``INPUT_IS_LIST``: every input is a list; one Load AdaFace gives a list of one."""
+        photos, names = images_to_photos(image)
         # The server's progress hook stops the batch between photos when the artist presses Cancel.
         progress = comfy.utils.ProgressBar(len(photos))
-        subject, identity = adaface.encode_photos(
+        # Skipped photos, a face unlike the others and a close call in a group photo are logged by the core.
+        subject, identity = adaface[0].encode_photos(
             photos, names, on_photo=lambda done, total: progress.update_absolute(done, total)
         )
-        if identity.skipped_names:
-            logger.warning(
-                "Face → ID Embedding: no face in %s, so %s left out; the subject comes from %s",
-                ", ".join(identity.skipped_names),
-                "it was" if len(identity.skipped_names) == 1 else "they were",
-                ", ".join(identity.used_names),
-            )
         return subject, crops_to_image([face.aligned for face in identity.faces])

@@ -322,6 +322,34 @@ def test_several_photos_average_and_a_faceless_one_is_skipped(analyzer, faces):
         analyzer.identity([ice])
 
 
+def _warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+
+
+def test_a_stranger_among_one_persons_photos_is_named(analyzer, faces, caplog):
+    """A wrong photo in the batch (or a video whose largest face changes hands) would be averaged silently."""
+    salley = sorted((faces / "labeled" / "John_Salley").glob("*.jpg"))[:3]
+    savage = sorted((faces / "labeled" / "John_Savage").glob("*.jpg"))[0]
+    with caplog.at_level(logging.WARNING, logger="adaface_core.face_analysis"):
+        analyzer.identity(salley)
+        assert _warnings(caplog) == []
+        analyzer.identity([*salley, savage])
+        (stranger,) = _warnings(caplog)
+        assert f"the face in {savage.name} (" in stranger and not any(p.name in stranger for p in salley)
+        caplog.clear()
+        analyzer.identity([salley[0], savage])
+        (pair,) = _warnings(caplog)
+        assert f"{salley[0].name} and {savage.name} do not look like one person" in pair
+
+
+def test_a_group_photo_whose_largest_face_is_a_close_call_is_named(analyzer, faces, caplog):
+    with caplog.at_level(logging.WARNING, logger="adaface_core.face_analysis"):
+        analyzer.identity([faces / "labeled" / "Barack_Obama" / "obama.jpg"])
+        assert _warnings(caplog) == []
+        analyzer.identity([faces / "groups" / "t1.jpg"])  # six faces of about one size
+    assert any("t1.jpg has several faces of about the same size" in w for w in _warnings(caplog))
+
+
 def test_input_formats_on_a_real_photo(analyzer, faces):
     image = np.array(Image.open(faces / "labeled" / "Grace_Hopper" / "grace_hopper_512x512.jpg").convert("RGB"))
     reference = analyzer.analyze(image).normed_embedding

@@ -54,7 +54,7 @@ def photo(corner: int = 80, colour=(0.9, 0.7, 0.6), size: int = 320) -> torch.Te
 
 @pytest.fixture(scope="module")
 def subject(env, adaface):
-    return env.node("AdaFaceFaceEmbed").embed(adaface, photo())[0]
+    return env.node("AdaFaceFaceEmbed").embed([adaface], [photo()])[0]
 
 
 def word_subject(env, clip, word: str):
@@ -200,7 +200,7 @@ def test_registration_keeps_extra_model_paths_entries(tiny_models, tmp_path):
 
 
 def test_face_embed_gives_a_subject_and_the_aligned_rgb_crop(env, adaface):
-    subject, crops = env.node("AdaFaceFaceEmbed").embed(adaface, photo())
+    subject, crops = env.node("AdaFaceFaceEmbed").embed([adaface], [photo()])
     assert subject.tokens.shape == (16, 64) and torch.isfinite(subject.tokens).all()
     assert subject.sources == ("image 1",)
     assert crops.shape == (1, 112, 112, 3) and crops.dtype == torch.float32
@@ -214,23 +214,35 @@ def test_same_photos_are_analysed_once(env, adaface, monkeypatch):
     analyse = adaface.subjects.faces.identity
     monkeypatch.setattr(adaface.subjects.faces, "identity", lambda *a, **k: calls.append(1) or analyse(*a, **k))
     node = env.node("AdaFaceFaceEmbed")
-    first = node.embed(adaface, photo(corner=40))[0]
+    first = node.embed([adaface], [photo(corner=40)])[0]
     loads = []
     management = env.module("comfy.model_management")
     monkeypatch.setattr(management, "load_models_gpu", lambda models, **options: loads.append(options))
-    second = node.embed(adaface, photo(corner=40))[0]
+    second = node.embed([adaface], [photo(corner=40)])[0]
     assert len(calls) == 1 and torch.equal(first.tokens, second.tokens)
     assert loads == []  # a cache hit moves no model onto the GPU
-    node.embed(adaface, photo(corner=100))
+    node.embed([adaface], [photo(corner=100)])
     assert len(calls) == 2
 
 
 def test_photo_without_face_is_skipped_with_a_warning(env, adaface, caplog):
     batch = torch.cat([photo(), torch.zeros(1, 320, 320, 3)])
     with caplog.at_level(logging.WARNING):
-        subject, crops = env.node("AdaFaceFaceEmbed").embed(adaface, batch)
+        subject, crops = env.node("AdaFaceFaceEmbed").embed([adaface], [batch])
     assert subject.sources == ("image 1",) and crops.shape[0] == 1
     assert any("image 2" in record.getMessage() for record in caplog.records)
+
+
+def test_a_list_of_photos_of_different_sizes_is_one_subject(env, adaface):
+    """ComfyUI hands a list (RebatchImages, a load-from-folder node) to an INPUT_IS_LIST node whole: the photos
+    are averaged into one subject, each at its own size, as a batch of the same photos would be."""
+    assert env.pack.NODE_CLASS_MAPPINGS["AdaFaceFaceEmbed"].INPUT_IS_LIST
+    small, large = photo(corner=60, size=320), photo(corner=120, size=400)
+    subject, crops = env.node("AdaFaceFaceEmbed").embed([adaface], [small, large])
+    assert subject.sources == ("image 1", "image 2") and crops.shape[0] == 2
+    faces = adaface.subjects.faces
+    expected = faces.identity([(p[0].numpy() * 255).round().astype(np.uint8) for p in (small, large)]).embedding
+    torch.testing.assert_close(subject.id_vector, torch.from_numpy(expected))
 
 
 def test_a_long_photo_batch_shows_progress_and_stops_on_cancel(env, adaface):
@@ -249,7 +261,7 @@ def test_a_long_photo_batch_shows_progress_and_stops_on_cancel(env, adaface):
     utils.set_progress_bar_global_hook(server_hook)
     try:
         with pytest.raises(management.InterruptProcessingException):
-            env.node("AdaFaceFaceEmbed").embed(adaface, batch)
+            env.node("AdaFaceFaceEmbed").embed([adaface], [batch])
     finally:
         utils.set_progress_bar_global_hook(None)
     assert seen == [(1, 5), (2, 5), (3, 5)]
@@ -257,7 +269,7 @@ def test_a_long_photo_batch_shows_progress_and_stops_on_cancel(env, adaface):
 
 def test_no_face_at_all_tells_the_artist_what_to_do(env, adaface):
     with pytest.raises(env.core("errors", "NoFaceError"), match="no face found in image 1; use a photo where the face"):
-        env.node("AdaFaceFaceEmbed").embed(adaface, torch.zeros(1, 256, 256, 3))
+        env.node("AdaFaceFaceEmbed").embed([adaface], [torch.zeros(1, 256, 256, 3)])
 
 
 # ------------------------------------------------------------------ injection into CONDITIONING
@@ -364,7 +376,7 @@ def test_saved_embedding_loads_back_and_is_not_overwritten_by_accident(env, subj
 
 
 def test_mix_at_zero_and_one_gives_the_endpoints(env, adaface, subject):
-    other = env.node("AdaFaceFaceEmbed").embed(adaface, photo(corner=20, colour=(1.0, 0.8, 0.5)))[0]
+    other = env.node("AdaFaceFaceEmbed").embed([adaface], [photo(corner=20, colour=(1.0, 0.8, 0.5))])[0]
     node = env.node("AdaFaceMixSubjects")
     assert not torch.allclose(other.tokens, subject.tokens)
     torch.testing.assert_close(node.mix(subject, other, 0.0)[0].tokens, subject.tokens)
