@@ -52,7 +52,8 @@ def test_two_cpu_processes_agree(tiny_models, tmp_path):
     config = {
         "models": {"sd15": str(tiny_models.sd15), "arc2face": str(tiny_models.arc2face)},
         "data": {"image_size": 32, "random_id_prob": 1.0},
-        "run": {"output": str(tmp_path / "ddp"), "save_every": 2, "log_every": 1, "device": "cpu", "tensorboard": False},
+        "run": {"output": str(tmp_path / "ddp"), "save_every": 2, "log_every": 1, "device": "cpu", "tensorboard": False,
+                "distributed_timeout_minutes": 90},
         "face": {
             "max_steps": 4,
             "optim": {"optimizer": "adamw", "lr": 1e-3, "batch_size": 1, "grad_accum": 2},
@@ -77,6 +78,7 @@ def test_two_cpu_processes_agree(tiny_models, tmp_path):
     teardown_abort = proc.returncode != 0 and "terminate called without an active exception" in proc.stderr and finished
     assert proc.returncode == 0 or teardown_abort, output
     assert finished, output
+    assert "each waits up to 90 minutes for the others" in proc.stdout + proc.stderr  # face analysis fits in the wait
     step = tmp_path / "ddp" / "face" / "checkpoints" / "step_0000004"
     assert (step / "rng_rank0.pt").is_file() and (step / "rng_rank1.pt").is_file()
     assert load_inverter(step / "inverter.safetensors").config.attention_multipliers == [2, 1, 1]

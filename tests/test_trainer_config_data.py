@@ -80,6 +80,8 @@ def test_config_errors_are_named():
         config_from_dict({"face": {"optim": {"lr": -1}}}).validate(check_paths=False)
     with pytest.raises(ConfigError, match="data.image_size must be a positive multiple of 8 .*got 0"):
         config_from_dict({"data": {"image_size": 0}}).validate(check_paths=False)
+    with pytest.raises(ConfigError, match="run.distributed_timeout_minutes must be >= 1, got 0"):
+        config_from_dict({"run": {"distributed_timeout_minutes": 0}}).validate(check_paths=False)
 
 
 def test_settings_no_stage_reads_are_refused_not_dropped():

@@ -155,6 +155,9 @@ class RunConfig:
     """Frozen UNets in channels-last memory layout (faster convolutions on recent GPUs; same results)."""
     compile: bool = False
     """``torch.compile`` the frozen UNets (minutes of compiling before the first step; same results)."""
+    distributed_timeout_minutes: int = 360
+    """How long the other GPUs' processes wait for process 0 at a barrier: the first run's face analysis of a
+    large photo tree (about 30 ms a photo) happens there, and torch's own default (10 to 30 minutes) ends the run."""
 
 
 def unread_composition_loss_keys(composition: Optional[StageConfig]) -> list[str]:
@@ -217,6 +220,8 @@ class TrainConfig:
         if self.data.image_size < 8 or self.data.image_size % 8:
             problems.append(f"data.image_size must be a positive multiple of 8 (the VAE's downsampling), "
                             f"got {self.data.image_size}")
+        if self.run.distributed_timeout_minutes < 1:
+            problems.append(f"run.distributed_timeout_minutes must be >= 1, got {self.run.distributed_timeout_minutes}")
         if self.run.save_every < 1 or self.run.keep_last < 0 or self.run.log_every < 1:
             problems.append("run.save_every and run.log_every must be >= 1 and run.keep_last >= 0, got "
                             f"{self.run.save_every}, {self.run.log_every} and {self.run.keep_last}")

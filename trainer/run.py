@@ -179,12 +179,15 @@ def check_output(args: argparse.Namespace, output: Path, stages: list[str], face
 
 
 def make_accelerator(config):
-    from accelerate import Accelerator
+    from datetime import timedelta
+
+    from accelerate import Accelerator, InitProcessGroupKwargs
 
     kwargs = {}
     if os.environ.get("ACCELERATE_MIXED_PRECISION") in (None, "", "no"):
         kwargs["mixed_precision"] = config.run.mixed_precision
-    accelerator = Accelerator(cpu=config.run.device == "cpu", **kwargs)
+    wait = InitProcessGroupKwargs(timeout=timedelta(minutes=config.run.distributed_timeout_minutes))
+    accelerator = Accelerator(cpu=config.run.device == "cpu", kwargs_handlers=[wait], **kwargs)
     if accelerator.mixed_precision == "fp16":
         from adaface_core.errors import ConfigError
 
@@ -250,7 +253,9 @@ def main(argv: Optional[list[str]] = None) -> RunResult:
     if not accelerator.is_main_process:
         logging.getLogger().setLevel(logging.WARNING)  # one copy of the INFO lines
     elif accelerator.num_processes > 1:
-        logger.info("%d processes (%s)", accelerator.num_processes, accelerator.distributed_type)
+        logger.info("%d processes (%s); each waits up to %d minutes for the others at a barrier "
+                    "(run.distributed_timeout_minutes)", accelerator.num_processes, accelerator.distributed_type,
+                    config.run.distributed_timeout_minutes)
     torch.manual_seed(config.run.seed)
     if accelerator.is_main_process:
         output.mkdir(parents=True, exist_ok=True)
