@@ -40,7 +40,7 @@ class AdaFaceFaceEmbed:
     )
     FUNCTION = "embed"
     # A list of photos (RebatchImages, a load-images-from-folder node) is one person, not one run per photo;
-    # and photos of different sizes come as a list, as Image Batch would stretch them to the first one's size.
+    # and photos of different sizes come as a list, as Image Batch would crop and scale them to the first one's shape.
     INPUT_IS_LIST = True
 
     @classmethod
@@ -48,7 +48,7 @@ class AdaFaceFaceEmbed:
         return {
             "required": {
                 "adaface": (ADAFACE, {"tooltip": "The models from Load AdaFace."}),
-                "image": ("IMAGE", {"tooltip": "One or more photos of the same person, all averaged: a batch, or a list for photos of different sizes (Image Batch stretches them to the first one's size, which distorts the face)."}),
+                "image": ("IMAGE", {"tooltip": "One or more photos of the same person, all averaged: a batch, or a list for photos of different sizes (Image Batch crops and scales them to the first one's shape, which can cut a face off)."}),
             }
         }
 
