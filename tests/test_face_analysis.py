@@ -376,6 +376,37 @@ def test_huge_photo_maps_box_back_to_original_pixels(analyzer, faces):
     assert cosine(huge.normed_embedding, base.normed_embedding) > 0.9
 
 
+def test_a_turned_photo_gives_its_persons_face_in_its_own_pixels(analyzer, faces, caplog):
+    """Upside down, SCRFD reads Obama's keypoints as if upright and ArcFace gives a stranger (cosine about
+    0); sideways some of John Salley's and John Schneider's photos do the same. Each is read turned back, and
+    its box and keypoints are still in the photo's own pixels."""
+    photos = [faces / "labeled" / "Barack_Obama" / "obama.jpg", faces / "labeled" / "Joe_Biden" / "biden.jpg",
+              faces / "labeled" / "John_Salley" / "000179_02159509.jpg",
+              faces / "labeled" / "John_Schneider" / "000288_00925786.jpg"]
+    for path in photos:
+        image = np.asarray(Image.open(path).convert("RGB"))
+        upright = analyzer.analyze(image, name=path.name)
+        height, width = image.shape[:2]
+        for quarter_turns in (1, 2, 3):
+            caplog.clear()
+            with caplog.at_level(logging.INFO, logger="adaface_core.face_analysis"):
+                turned = analyzer.analyze(np.ascontiguousarray(np.rot90(image, quarter_turns)), name="turned.jpg")
+            assert cosine(turned.normed_embedding, upright.normed_embedding) > 0.8, (path.name, quarter_turns)
+            # np.rot90's turn applied to the upright keypoints: where they are in the turned photo
+            x, y = upright.kps[:, 0], upright.kps[:, 1]
+            expected = {1: (y, width - x), 2: (width - x, height - y), 3: (height - y, x)}[quarter_turns]
+            np.testing.assert_allclose(turned.kps, np.stack(expected, axis=1), atol=6)
+    assert "turned.jpg is read turned by" in caplog.text
+
+
+def test_an_upright_photo_is_never_read_turned(analyzer, faces, caplog):
+    """Every test portrait and group photo, upright, gives the face a plain detection gives."""
+    with caplog.at_level(logging.INFO, logger="adaface_core.face_analysis"):
+        for path in sorted((faces / "labeled").glob("*/*.jpg")) + sorted((faces / "groups").glob("*.jpg")):
+            analyzer.analyze(path)
+    assert "is read turned by" not in caplog.text
+
+
 def grace_hopper(faces: Path) -> np.ndarray:
     return np.asarray(Image.open(faces / "labeled" / "Grace_Hopper" / "grace_hopper_512x512.jpg").convert("RGB"))
 

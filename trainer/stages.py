@@ -49,10 +49,12 @@ def face_analyzer_factory(config: TrainConfig) -> Callable[[], object]:
 
 
 def face_models_fingerprint(config: TrainConfig) -> str:
-    """The face pack's models (``FacePackFiles.fingerprint``), recorded in the trainer's face caches."""
+    """The face pack's models (``FacePackFiles.fingerprint``) and the way they are run
+    (``ANALYSIS_REVISION``), recorded in the trainer's face caches."""
+    from adaface_core.face_analysis import ANALYSIS_REVISION
     from adaface_core.face_pack import resolve_face_pack
 
-    return resolve_face_pack(config.models.face_pack).fingerprint
+    return f"{resolve_face_pack(config.models.face_pack).fingerprint}|analysis {ANALYSIS_REVISION}"
 
 
 def build_face_space(config: TrainConfig, models: Models, accelerator, output: Path,
