@@ -10,7 +10,7 @@ import torch
 
 from adaface_core.errors import ConfigError
 from trainer.compositions import (
-    aligned_token_index,
+    aligned_tokens,
     build_prompts,
     load_composition_pool,
     parse_compositions,
@@ -19,6 +19,7 @@ from trainer.compositions import (
 )
 from trainer.losses_composition import (
     CompositionLossWeights,
+    aligned_attention_maps,
     combine_composition_losses,
     compositional_delta_loss,
     delta_alignment_loss,
@@ -275,7 +276,49 @@ def test_pool_and_prompts(tmp_path):
     assert flat[:3] == [x.subject_single for x in quads] and flat[9:] == [x.class_comp for x in quads]
 
 
-def test_aligned_token_index():
-    idx = aligned_token_index(subject_start=4, subject_len=16, class_len=2, seq_len=30)
+def test_aligned_tokens():
+    alignment = aligned_tokens(subject_start=4, subject_len=16, class_len=2, seq_len=30)
+    idx = alignment.index
+    assert alignment.subject[0].nonzero().flatten().tolist() == list(range(4, 20))
+    assert alignment.subject[3].nonzero().flatten().tolist() == [4, 5]
     assert idx.shape == (4, 14)
     assert idx[0, :5].tolist() == [0, 1, 2, 3, 20] and idx[2, :5].tolist() == [0, 1, 2, 3, 6]
+
+
+def _attention(logits: torch.Tensor) -> torch.Tensor:
+    return logits.softmax(dim=-1)
+
+
+def test_attention_map_delta_sees_a_subject_that_takes_the_attention():
+    """One head, the four prompts' maps over 12 tokens (subject / 'a <class>' at 4-6 / 4-5). Raising only the
+    subject tokens' logits in the subject-composition prompt (the subject crowding out the composition, §2.3)
+    scales every other column of a pixel alike: the aligned columns alone give exactly the same loss, so the
+    summed subject column is what lets the attention-map delta see it."""
+    g = torch.Generator().manual_seed(0)
+    alignment = aligned_tokens(subject_start=4, subject_len=3, class_len=2, seq_len=12)
+    logits = [torch.randn(2, 64, 12, generator=g) for _ in range(4)]
+
+    def losses(push: float) -> tuple[float, float]:
+        pushed = [x.clone() for x in logits]
+        pushed[1][..., alignment.subject[1]] += push
+        maps = [_attention(x) for x in pushed]
+        kept = [m.index_select(-1, alignment.index[k]) for k, m in enumerate(maps)]
+        return delta_alignment_loss(*kept).item(), delta_alignment_loss(*aligned_attention_maps(maps, alignment)).item()
+
+    kept_before, with_subject_before = losses(0.0)
+    kept_after, with_subject_after = losses(4.0)
+    assert kept_after == pytest.approx(kept_before, abs=1e-5)
+    assert with_subject_after > with_subject_before + 0.05
+
+
+def test_aligned_attention_maps_add_the_subjects_summed_attention_per_sample():
+    alignment = aligned_tokens(4, 3, 2, seq_len=10)
+    wider = aligned_tokens(4, 3, 1, seq_len=10)
+    batch = type(alignment).stack([alignment, wider])
+    maps = [torch.rand(2, 5, 10) for _ in range(4)]
+    out = aligned_attention_maps(maps, batch)
+    assert [m.shape for m in out] == [(2, 5, 8)] * 4  # K = 7 aligned positions + the subject column
+    torch.testing.assert_close(out[1][..., -1], maps[1][..., 4:7].sum(-1))
+    torch.testing.assert_close(out[2][0, :, -1], maps[2][0, :, 4:6].sum(-1))
+    torch.testing.assert_close(out[2][1, :, -1], maps[2][1, :, 4])
+    torch.testing.assert_close(out[3][1, :, :-1], maps[3][1].index_select(-1, batch.index[1, 3]))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trainer.compositions import aligned_token_index
+from trainer.compositions import aligned_tokens
 from trainer.feature_capture import (
     capture_cross_attention,
     feature_grid_size,
@@ -171,7 +171,7 @@ def test_composition_step_one_batched_pass(unet):
         out = composition_step(
             unet, latents, torch.tensor([10, 900]), torch.cat([subj, cls]), masks,
             capture_layers="up_blocks.3", weights=CompositionLossWeights(face_preserve=0.5),
-            token_index=aligned_token_index(4, 3, 2, seq_len=tokens),
+            alignment=aligned_tokens(4, 3, 2, seq_len=tokens),
         )
     finally:
         hook.remove()
@@ -224,7 +224,7 @@ def test_composition_step_same_loss_and_gradients_with_checkpointing(unet, layer
     ids, latents, cls = torch.randn(2, 9, 16), torch.randn(1, 4, 16, 16), torch.randn(2, 9, 64)
     masks = torch.zeros(1, 1, 16, 16)
     masks[..., 4:12, 4:12] = 1
-    index = aligned_token_index(4, 3, 2, seq_len=9)
+    index = aligned_tokens(4, 3, 2, seq_len=9)
     results = []
     for on in (False, True):
         if on:

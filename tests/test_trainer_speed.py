@@ -3,7 +3,7 @@
 import torch
 
 from trainer.config import FaceLossConfig, RunConfig, config_from_dict
-from trainer.compositions import aligned_token_index
+from trainer.compositions import aligned_tokens
 from trainer.face_space import FaceSpace
 from trainer.losses_composition import CompositionLossWeights, composition_step
 from trainer.losses_face import FaceDistillationLoss
@@ -33,7 +33,7 @@ def composition_losses(models, grad: bool) -> dict:
     with torch.set_grad_enabled(grad):
         out = composition_step(models.unet, latents, t, embeds, torch.ones(2, 1, 8, 8),
                                weights=CompositionLossWeights(face_preserve=0.5),
-                               token_index=aligned_token_index(4, 3, 2, seq_len=12))
+                               alignment=aligned_tokens(4, 3, 2, seq_len=12))
     return {k: v.detach() for k, v in out.items()}
 
 

@@ -218,7 +218,8 @@ def test_each_sample_aligns_its_own_class_word(tiny_models):
     quads = [build_prompts("riding a horse on the beach", "woman"), build_prompts("riding a horse on the beach", "old bearded man")]
     stage = _bare_stage()
     n = 16
-    index = stage.token_index(models, quads, subject_len=n)
+    alignment = stage.token_alignment(models, quads, subject_len=n)
+    index = alignment.index
     assert index.shape[:2] == (2, 4)
 
     z = models.placeholder_id("z")
@@ -231,6 +232,10 @@ def test_each_sample_aligns_its_own_class_word(tiny_models):
         class_side = class_ids[index[b, 3]]
         assert torch.equal(subject_side, class_side)
         assert not (subject_side == -1).any()
+        # the subject's own positions: its N tokens, and 'a <class word>' in the class prompts
+        assert alignment.subject[b, 1].nonzero().flatten().tolist() == [i for i, t in enumerate(spliced) if t == -1]
+        class_words = models.tokenizer(quad.class_single.removeprefix("a photo of "), add_special_tokens=False)["input_ids"]
+        assert class_ids[alignment.subject[b, 3]].tolist() == class_words
 
 
 def _reference_mask(ids: list, special: set) -> list:
@@ -246,7 +251,7 @@ def test_prompt_weights_follow_the_reference_masks_of_the_subject_prompts(tiny_m
     quads = [build_prompts("riding a horse on the beach", "woman"), build_prompts("in the forest", "old bearded man")]
     stage = _bare_stage()
     n = 16
-    index = stage.token_index(models, quads, subject_len=n)
+    index = stage.token_alignment(models, quads, subject_len=n).index
     weights = stage.prompt_weights(models, quads, index)
     assert weights.shape == index[:, 0].shape
 
@@ -271,23 +276,23 @@ def test_composition_step_weighs_prompt_positions(tiny_models):
     """Through the whole step: with the weights, the prompt embeddings' padding does not move ``delta_prompt``."""
     from diffusers import UNet2DConditionModel
 
-    from trainer.compositions import aligned_token_index
+    from trainer.compositions import aligned_tokens
     from trainer.losses_composition import CompositionLossWeights, composition_step
 
     unet = UNet2DConditionModel.from_pretrained(str(tiny_models.sd15 / "unet")).requires_grad_(False).eval()
     g = torch.Generator().manual_seed(0)
     tokens, dim = 12, unet.config.cross_attention_dim
     embeds = torch.randn(4, tokens, dim, generator=g)
-    index = aligned_token_index(4, 3, 2, seq_len=tokens)  # K = 9 aligned positions
+    alignment = aligned_tokens(4, 3, 2, seq_len=tokens)  # K = 9 aligned positions
     weights = torch.tensor([[0.0, 1, 1, 1, 0.25, 0.25, 0, 0, 0]])
     prompt_only = CompositionLossWeights(delta_attn_out=0.0, delta_attn_map=0.0, face_preserve=0.0)
 
     def delta_prompt(e, w):
         return composition_step(unet, torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(1)),
-                                torch.tensor(500), e, None, "up_blocks.3", prompt_only, index,
+                                torch.tensor(500), e, None, "up_blocks.3", prompt_only, alignment,
                                 prompt_weights=w)["delta_prompt"].item()
 
     moved = embeds.clone()
-    moved[1, index[1, 6:]] += torch.randn(3, dim, generator=g)  # the subject-composition prompt's padding
+    moved[1, alignment.index[1, 6:]] += torch.randn(3, dim, generator=g)  # the subject-composition prompt's padding
     assert delta_prompt(moved, weights) == pytest.approx(delta_prompt(embeds, weights), abs=1e-6)
     assert abs(delta_prompt(moved, None) - delta_prompt(embeds, None)) > 1e-3

@@ -13,7 +13,7 @@ import random
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 
@@ -175,20 +175,44 @@ def stack_prompts(quads: Sequence[PromptQuad]) -> list[str]:
     return [getattr(q, kind) for kind in ("subject_single", "subject_comp", "class_single", "class_comp") for q in quads]
 
 
-def aligned_token_index(
+@dataclass(frozen=True)
+class TokenAlignment:
+    """How the token positions of the four prompts correspond (for ``composition_step``), per kind in the order
+    subject-single, subject-composition, class-single, class-composition; a batch may hold one per sample."""
+
+    index: torch.Tensor
+    """``[4, K]`` (or ``[B, 4, K]``) long: the positions that correspond, the subject and 'a <class>' tokens left out."""
+    subject: torch.Tensor
+    """``[4, T]`` (or ``[B, 4, T]``) bool: the subject tokens of the subject prompts, 'a <class>' of the class prompts."""
+
+    def apply(self, move: Callable[[torch.Tensor], torch.Tensor]) -> "TokenAlignment":
+        """Both tensors through ``move`` (e.g. a copy to the device)."""
+        return TokenAlignment(move(self.index), move(self.subject))
+
+    @staticmethod
+    def stack(samples: Sequence["TokenAlignment"]) -> "TokenAlignment":
+        """One alignment per sample, ``[B, 4, ...]``, cut to the shortest sample's K."""
+        k = min(sample.index.shape[1] for sample in samples)
+        return TokenAlignment(torch.stack([s.index[:, :k] for s in samples]), torch.stack([s.subject for s in samples]))
+
+
+def aligned_tokens(
     subject_start: int,
     subject_len: int,
     class_len: int,
     seq_len: int = 77,
-) -> torch.Tensor:
-    """``[4, K]`` token positions that correspond across the four prompts (for ``composition_step``).
+) -> TokenAlignment:
+    """The token positions that correspond across the four prompts, and the subject's own.
 
     In the subject prompts the ``subject_len`` subject tokens (e.g. 16 AdaFace tokens) start at position
     ``subject_start`` (4 for 'a photo of z': BOS, a, photo, of); in the class prompts the ``class_len``
     tokens of 'a <class word>' start there too. Each shifts the later tokens by a different amount;
-    dropping them lines up the template, the composition words, EOS and padding.
+    leaving them out lines up the template, the composition words, EOS and padding.
     """
     subj = list(range(subject_start)) + list(range(subject_start + subject_len, seq_len))
     cls = list(range(subject_start)) + list(range(subject_start + class_len, seq_len))
     k = min(len(subj), len(cls))
-    return torch.tensor([subj[:k], subj[:k], cls[:k], cls[:k]], dtype=torch.long)
+    subject = torch.zeros(4, seq_len, dtype=torch.bool)
+    subject[:2, subject_start:subject_start + subject_len] = True
+    subject[2:, subject_start:subject_start + class_len] = True
+    return TokenAlignment(torch.tensor([subj[:k], subj[:k], cls[:k], cls[:k]], dtype=torch.long), subject)

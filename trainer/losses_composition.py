@@ -28,6 +28,7 @@ from typing import Mapping, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from .compositions import TokenAlignment
 from .feature_capture import DEFAULT_CAPTURE_LAYERS, LayerSpec, capture_cross_attention, resize_mask
 
 logger = logging.getLogger(__name__)
@@ -200,6 +201,25 @@ def _align_tokens(quad: Sequence[torch.Tensor], token_index: Optional[torch.Tens
     ]
 
 
+def aligned_attention_maps(maps: Sequence[torch.Tensor], alignment: Optional[TokenAlignment]) -> list[torch.Tensor]:
+    """The four kinds' attention maps ``[B, N, T]`` at their aligned token positions, plus one more: the attention
+    on the subject tokens (on 'a <class>' in the class prompts), summed.
+
+    Without that column a subject that takes attention from the rest of the prompt, the dominance composition
+    distillation exists to curb (§2.3), would only scale the other columns of each pixel alike (exactly so
+    in one head), and the orthogonal delta cannot see a scale.
+    """
+    if alignment is None:
+        return list(maps)
+    kept = _align_tokens(maps, alignment.index, dim=2)
+    subject = alignment.subject
+    out = []
+    for k, (x, columns) in enumerate(zip(maps, kept)):
+        mask = subject[k] if subject.ndim == 2 else subject[:, k, None, :]
+        out.append(torch.cat([columns, (x * mask.to(x.dtype)).sum(dim=-1, keepdim=True)], dim=-1))
+    return out
+
+
 def composition_step(
     unet: torch.nn.Module,
     noisy_latents: torch.Tensor,
@@ -208,7 +228,7 @@ def composition_step(
     face_masks: Optional[torch.Tensor] = None,
     capture_layers: LayerSpec = DEFAULT_CAPTURE_LAYERS,
     weights: CompositionLossWeights = CompositionLossWeights(),
-    token_index: Optional[torch.Tensor] = None,
+    alignment: Optional[TokenAlignment] = None,
     unet_kwargs: Optional[dict] = None,
     prompt_weights: Optional[torch.Tensor] = None,
 ) -> dict[str, torch.Tensor]:
@@ -219,10 +239,10 @@ def composition_step(
     - ``prompt_embeds`` ``[4B, T, D]``: blocks of B in the order subject-single, subject-composition,
       class-single, class-composition (the subject blocks carry the inverter's gradient).
     - ``face_masks`` ``[B, 1, H, W]`` at latent or image resolution; None skips the face-preserving loss.
-    - ``token_index`` ``[4, K]`` (long): for each kind, the K token positions that correspond across the
-      four prompts (``trainer.compositions.aligned_token_index``), or ``[B, 4, K]`` when the samples' class
-      words differ in length; used for the attention maps' token axis and the prompt embeddings'
-      sequence axis. None compares all positions as they are.
+    - ``alignment``: the token positions that correspond across the four prompts, and the subject's
+      (``trainer.compositions.aligned_tokens``; one per sample when the samples' class words differ in
+      length); used for the attention maps' token axis (``aligned_attention_maps``) and the prompt
+      embeddings' sequence axis. None compares all positions as they are.
     - ``prompt_weights`` ``[B, K]``: weights of the prompt embeddings' aligned positions
       (``prompt_delta_weights``); None weighs them alike.
     Returns ``{"delta_attn_out", "delta_attn_map", "delta_prompt", "delta", "face_preserve", "loss"}``
@@ -251,13 +271,13 @@ def composition_step(
         if weights.delta_attn_out != 0.0:
             delta["attn_out"].append(_split4(layer.out))
         if want_maps and layer.attn is not None:
-            delta["attn_map"].append(_align_tokens(_split4(layer.attn), token_index, dim=2))
+            delta["attn_map"].append(aligned_attention_maps(_split4(layer.attn), alignment))
         if want_face and layer.q is not None:
             q = _split4(layer.q)
             out = _split4(layer.out)
             mask = resize_mask(face_masks.to(out[0].device), out[0].shape[1])
             face.append((q[0], q[1], out[0], out[1], mask))
     if weights.delta_prompt != 0.0:
-        aligned = _align_tokens(_split4(prompt_embeds), token_index, dim=1)
+        aligned = _align_tokens(_split4(prompt_embeds), None if alignment is None else alignment.index, dim=1)
         delta["prompt"].append(aligned if prompt_weights is None else (*aligned, prompt_weights))
     return combine_composition_losses(delta, face, weights)

@@ -27,7 +27,7 @@ import torch
 from adaface_core.devices import host_to_device
 from adaface_core.errors import ConfigError
 
-from .compositions import (DEFAULT_TEMPLATE, CompositionPool, PromptQuad, aligned_token_index, build_prompts,
+from .compositions import (DEFAULT_TEMPLATE, CompositionPool, PromptQuad, TokenAlignment, aligned_tokens, build_prompts,
                            has_one_subject_slot, load_composition_pool, sample_prompts)
 from .config import StageConfig, TrainConfig, section_from_mapping
 from .face_masks import attach_detector_masks
@@ -169,19 +169,17 @@ class CompositionStage:
         t = ((low + (high - low) * torch.rand(batch_size, generator=generator)) * (self.num_train_timesteps - 1)).round().long()
         return CompositionBatch(faces, quads, noise, t)
 
-    def token_index(self, models: Models, quads: list[PromptQuad], subject_len: int) -> torch.Tensor:
-        """``[B, 4, K]`` positions that correspond across each sample's four prompts (N subject tokens vs 'a <class>')."""
+    def token_alignment(self, models: Models, quads: list[PromptQuad], subject_len: int) -> TokenAlignment:
+        """Per sample, the positions that correspond across its four prompts (N subject tokens vs 'a <class>')."""
         ids = models.prompt_ids([quads[0].subject_single])[0].tolist()
         start = ids.index(models.placeholder_id(self.placeholder))
         lengths = [len(models.tokenizer(q.class_single, add_special_tokens=False)["input_ids"])
                    - len(models.tokenizer(q.subject_single, add_special_tokens=False)["input_ids"]) + 1 for q in quads]
-        rows = [aligned_token_index(start, subject_len, class_len) for class_len in lengths]
-        k = min(row.shape[1] for row in rows)
-        return torch.stack([row[:, :k] for row in rows])
+        return TokenAlignment.stack([aligned_tokens(start, subject_len, class_len) for class_len in lengths])
 
     def prompt_weights(self, models: Models, quads: list[PromptQuad], token_index: torch.Tensor) -> torch.Tensor:
-        """``[B, K]`` weights of the prompt-embedding delta at the aligned positions (``prompt_delta_weights``),
-        read off the class prompts' ids: at those positions they equal the subject prompts' ids."""
+        """``[B, K]`` weights of the prompt-embedding delta at the aligned positions ``[B, 4, K]``
+        (``prompt_delta_weights``), read off the class prompts' ids: there they equal the subject prompts' ids."""
         single, comp = models.prompt_ids([q.class_single for q in quads] + [q.class_comp for q in quads]).chunk(2)
         return prompt_delta_weights(single.gather(1, token_index[:, 2]), comp.gather(1, token_index[:, 3]),
                                     special_token_ids(models.tokenizer))
@@ -207,10 +205,10 @@ class CompositionStage:
         subject_embeds = models.encode_with_subject([q.subject_single for q in quads] + [q.subject_comp for q in quads],
                                                     self.placeholder, torch.cat([subject, subject]))
         prompt_embeds = torch.cat([subject_embeds, class_embeds.to(subject_embeds)]).to(dtype)
-        host_index = self.token_index(models, quads, subject.shape[1])
-        prompt_weights = host_to_device(self.prompt_weights(models, quads, host_index), device)
+        alignment = self.token_alignment(models, quads, subject.shape[1])
+        prompt_weights = host_to_device(self.prompt_weights(models, quads, alignment.index), device)
         out = composition_step(models.unet, x_t.to(dtype), timesteps, prompt_embeds, masks,
-                               self.settings.layers, self.weights, host_to_device(host_index, device),
+                               self.settings.layers, self.weights, alignment.apply(lambda t: host_to_device(t, device)),
                                prompt_weights=prompt_weights)
         return out["loss"].float(), {k: v.detach() for k, v in out.items() if k != "loss"}
 
