@@ -20,16 +20,21 @@ from .checkpoint import atomic_save_safetensors
 from .errors import CheckpointError, ConfigError
 
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+WINDOWS_DEVICE_NAMES = frozenset({"CON", "PRN", "AUX", "NUL", *(f"{port}{n}" for port in ("COM", "LPT") for n in range(1, 10))})
+"""Names Windows keeps for devices, whatever follows the first dot: ``nul.safetensors`` is no file there."""
 
 
 def embedding_file_name(name: str) -> str:
-    """``NAME.safetensors``, refusing names that would escape the folder or confuse prompt parsing."""
+    """``NAME.safetensors``, refusing names that would escape the folder, confuse prompt parsing or name a
+    Windows device (a workflow shared from Linux must not fail at the write on Windows)."""
     stem = name[: -len(".safetensors")] if name.endswith(".safetensors") else name
     if not _SAFE_NAME.match(stem):
         raise ConfigError(
             f"embedding name {name!r} may only use letters, digits, '_', '-' and '.', "
             "so that 'embedding:NAME' works in a prompt"
         )
+    if stem.split(".", 1)[0].upper() in WINDOWS_DEVICE_NAMES:
+        raise ConfigError(f"embedding name {name!r} is a device name on Windows (CON, NUL, COM1 ...); choose another")
     return stem + ".safetensors"
 
 
@@ -53,7 +58,7 @@ def load_textual_inversion(path: Union[str, Path]) -> torch.Tensor:
             keys = list(handle.keys())
             for key in ("clip_l", "emb_params", *keys):
                 if key in keys:
-                    return handle.get_tensor(key)
+                    return handle.get_tensor(key).clone()  # not a view of the mapped file, which Windows could not replace
     except Exception as exc:
         raise CheckpointError(f"cannot read embedding file {path}: {exc}") from exc
     raise CheckpointError(f"{path} holds no tensors")

@@ -3,6 +3,7 @@
 import json
 import os
 import stat
+from pathlib import Path
 
 import pytest
 import torch
@@ -143,9 +144,16 @@ def test_textual_inversion_file_has_both_keys_and_loads_in_diffusers(tmp_path, t
     path = save_textual_inversion(tokens, tmp_path / embedding_file_name("alice"))
     with safe_open(str(path), framework="pt") as f:
         assert set(f.keys()) == {"clip_l", "emb_params"}
-    torch.testing.assert_close(load_textual_inversion(path), tokens)
+    loaded = load_textual_inversion(path)
+    torch.testing.assert_close(loaded, tokens)
+    if Path("/proc/self/maps").is_file():  # a copy, not a view of the file's mapping, which Windows could not replace
+        assert str(path) not in Path("/proc/self/maps").read_text()
     with pytest.raises(ConfigError):
         embedding_file_name("../escape")
+    for device in ("con", "NUL.v2", "Com1", "lpt9.safetensors"):
+        with pytest.raises(ConfigError, match="device name on Windows"):
+            embedding_file_name(device)
+    assert embedding_file_name("console") == "console.safetensors" and embedding_file_name("com10") == "com10.safetensors"
     # diffusers' own loader reads it as 16 new tokens (the documented way for multi-key files).
     from diffusers.loaders.textual_inversion import TextualInversionLoaderMixin
     from transformers import CLIPTextModel

@@ -189,6 +189,28 @@ def test_the_id_cache_holds_to_its_face_models_and_remembers_unreadable_photos(t
     assert FakeAnalyzer.calls == 2  # the other pack analysed one.jpg again
 
 
+@pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="reads Linux's /proc/self/maps")
+def test_the_id_cache_is_not_mapped_while_it_is_replaced(tmp_path, monkeypatch):
+    """safetensors memory-maps the file it reads, and Windows refuses to replace a mapped file: a photo added
+    since the last run made the cache's rewrite fail there. Nothing read from it may still map it then."""
+    root, cache, skipped = tmp_path / "faces", tmp_path / "ids.safetensors", tmp_path / "no_face.txt"
+    _write(root / "one.jpg")
+    compute_face_ids(root, scan_images(root), cache, FakeAnalyzer, skipped, face_models="a.onnx:1")
+    _write(root / "two.jpg")
+    mapped_when_replaced = []
+    replace = os.replace
+
+    def checking_replace(source, destination):
+        if Path(destination) == cache:
+            mapped_when_replaced.append(str(cache) in Path("/proc/self/maps").read_text())
+        return replace(source, destination)
+
+    monkeypatch.setattr(os, "replace", checking_replace)
+    kept, vectors = compute_face_ids(root, scan_images(root), cache, FakeAnalyzer, skipped, face_models="a.onnx:1")
+    assert [p.name for p in kept] == ["one.jpg", "two.jpg"]
+    assert mapped_when_replaced and not any(mapped_when_replaced)
+
+
 def test_empty_or_faceless_folders_are_clear_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match="no training images"):

@@ -53,8 +53,8 @@ def scan_images(root: Path) -> list[Path]:
     if not root.is_dir():
         raise ModelFileMissingError(f"training image folder not found: {root}")
     images = sorted(
-        p for p in _files_under(root)
-        if p.suffix.lower() in IMAGE_SUFFIXES and not is_mask_file(p)
+        (p for p in _files_under(root) if p.suffix.lower() in IMAGE_SUFFIXES and not is_mask_file(p)),
+        key=lambda p: p.relative_to(root).as_posix(),  # Windows paths compare without case: the same draws everywhere
     )
     if not images:
         raise ConfigError(f"no training images (jpg/png/webp) under {root}")
@@ -187,7 +187,8 @@ def _read_id_cache(cache_file: Path, face_models: str) -> tuple[dict[str, torch.
         with safe_open(str(cache_file), framework="pt") as handle:
             metadata = handle.metadata() or {}
             keys = json.loads(metadata.get("keys", "[]"))
-            vectors = handle.get_tensor("vectors") if keys else None
+            # A copy: safetensors maps the file, and Windows cannot replace a mapped file (the rewrite below).
+            vectors = handle.get_tensor("vectors").clone() if keys else None
     except Exception as exc:  # a damaged cache is recomputed, never fatal
         logger.warning("ignoring unreadable face-ID cache %s (%s)", cache_file, exc)
         return {}, set(), set()
