@@ -23,6 +23,7 @@ from .cli import run_cli
 from .devices import chosen_device, inference_dtype
 from .errors import ConfigError, ModelFileMissingError
 from .face_analysis import FaceAnalyzer
+from .face_pack import PROVIDERS
 from .pipeline import SubjectEncoder
 from .textual_inversion import embedding_file_name, save_textual_inversion
 from .tokenizer import find_tokenizer_folder
@@ -115,7 +116,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--tokenizer", type=Path, help="SD1.5 tokenizer folder (default: next to --arc2face)")
     parser.add_argument("--out", type=Path, required=True, help="output NAME.safetensors (e.g. ComfyUI/models/embeddings/alice.safetensors)")
     parser.add_argument("--id-strength", type=float, default=1.0, help="ID guidance baked into the tokens (default 1)")
-    parser.add_argument("--provider", default="auto", choices=("auto", "cpu", "cuda", "rocm", "coreml"))
+    parser.add_argument("--provider", default="auto", choices=("auto", *PROVIDERS))
     parser.add_argument("--device", help="torch device (default: CUDA, then MPS, then CPU)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing file")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")

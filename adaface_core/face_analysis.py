@@ -268,8 +268,8 @@ class FaceAnalyzer:
     ) -> "FaceAnalyzer":
         """Load the detector and recogniser of the pack in ``folder`` (antelopev2 layout or any pack).
 
-        ``provider``: auto (CUDA, ROCm or CoreML when this onnxruntime offers one, else CPU), cpu,
-        cuda, rocm or coreml.
+        ``provider``: auto (CUDA or ROCm when this onnxruntime offers one, else CPU: ``AUTO_ORDER``), cpu,
+        cuda, rocm, coreml or directml.
         """
         from insightface.model_zoo import get_model
 

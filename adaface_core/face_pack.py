@@ -39,8 +39,13 @@ PROVIDERS = {
     "cuda": "CUDAExecutionProvider",
     "rocm": "ROCMExecutionProvider",
     "coreml": "CoreMLExecutionProvider",
+    "directml": "DmlExecutionProvider",
 }
-AUTO_ORDER = ("CUDAExecutionProvider", "ROCMExecutionProvider", "CoreMLExecutionProvider")
+AUTO_ORDER = ("CUDAExecutionProvider", "ROCMExecutionProvider")
+"""What ``auto`` may pick. Not CoreML, which macOS's onnxruntime offers: insightface's SCRFD detector loads
+under it and then fails at its first photo (a static output shape against the inferred one), so a Mac
+detects on the CPU unless CoreML is chosen. DirectML only when chosen too: ComfyUI's ``--directml`` is
+opt-in, and onnxruntime-directml is a separate build."""
 
 
 @dataclass(frozen=True)
@@ -78,8 +83,9 @@ def onnx_providers(choice: str = "auto", available: Optional[Sequence[str]] = No
         if chosen not in available:
             raise ConfigError(
                 f"onnxruntime provider {chosen} was asked for, but this onnxruntime only offers "
-                f"{', '.join(available) or 'nothing'}. Install the matching build (onnxruntime-gpu for CUDA; "
-                "install it after insightface, which pulls the CPU build) or choose the auto or CPU provider."
+                f"{', '.join(available) or 'nothing'}. Install the matching build (onnxruntime-gpu for CUDA, "
+                "onnxruntime-directml for DirectML; install it after insightface, which pulls the CPU build) or "
+                "choose the auto or CPU provider."
             )
     else:
         raise ConfigError(f"unknown face-analysis provider {choice!r}; use one of auto, {', '.join(PROVIDERS)}")

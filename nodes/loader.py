@@ -20,7 +20,7 @@ from .types import ADAFACE, CATEGORY
 
 logger = logging.getLogger(__name__)
 
-PROVIDERS = {"auto": "auto", "CPU": "cpu", "CUDA": "cuda", "ROCm": "rocm", "CoreML": "coreml"}
+PROVIDERS = {"auto": "auto", "CPU": "cpu", "CUDA": "cuda", "ROCm": "rocm", "CoreML": "coreml", "DirectML": "directml"}
 
 
 def comfy_tokenizer_folder() -> Path:
@@ -52,8 +52,11 @@ def cpu_fallback_warning(choice: str, torch_device: torch.device, active: list[s
     Why: a reinstall of the requirements (ComfyUI-Manager's updates) can put the CPU build of
     onnxruntime over ``onnxruntime-gpu``; faces then still work, only slower, and nothing else says so.
     """
-    if choice != "auto" or torch_device.type == "cpu" or active[:1] != ["CPUExecutionProvider"]:
-        return None
+    if choice != "auto" or torch_device.type in ("cpu", "mps") or active[:1] != ["CPUExecutionProvider"]:
+        return None  # on a Mac auto means the CPU (face_pack.AUTO_ORDER)
+    if torch_device.type == "privateuseone":  # ComfyUI's --directml
+        return ("ComfyUI runs on DirectML but face detection runs on the CPU: install onnxruntime-directml after "
+                "this pack's requirements and choose DirectML as the provider")
     return (f"ComfyUI runs on {torch_device.type} but face detection runs on the CPU: this onnxruntime offers no GPU "
             "provider. For GPU face analysis install onnxruntime-gpu (CUDA) or onnxruntime-rocm after this pack's "
             "requirements, which pull the CPU build")

@@ -78,7 +78,7 @@ def test_loader_lists_the_models_in_comfyui_folders(env):
     assert required["inverter"][0] == [INVERTER]
     assert required["arc2face"][0] == [ARC2FACE]
     assert required["face_models"][0] == [FACES]
-    assert required["provider"][0] == ["auto", "CPU", "CUDA", "ROCm", "CoreML"]
+    assert required["provider"][0] == ["auto", "CPU", "CUDA", "ROCm", "CoreML", "DirectML"]
 
 
 def test_loader_builds_the_bundle_through_model_management(env, adaface):
@@ -180,6 +180,8 @@ def test_a_gpu_comfyui_with_cpu_face_analysis_is_told_why(env):
     assert warning("auto", torch.device("cpu"), cpu_only) is None  # python main.py --cpu
     assert warning("CPU", torch.device("cuda", 0), cpu_only) is None  # the user's own choice
     assert warning("auto", torch.device("cuda", 0), ["CUDAExecutionProvider", "CPUExecutionProvider"]) is None
+    assert warning("auto", torch.device("mps"), cpu_only) is None  # a Mac's auto is the CPU on purpose
+    assert "choose DirectML" in warning("auto", torch.device("privateuseone", 0), cpu_only)  # --directml
 
 
 def test_registration_keeps_extra_model_paths_entries(tiny_models, tmp_path):

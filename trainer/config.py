@@ -229,7 +229,7 @@ class TrainConfig:
             problems.append(f"run.mixed_precision must be 'no' or 'bf16', got {self.run.mixed_precision!r} "
                             "(fp16 would need loss scaling; use bf16)")
         if self.run.device not in ("auto", "cpu"):
-            problems.append(f"run.device must be 'auto' (CUDA when present, else CPU) or 'cpu', got {self.run.device!r} "
+            problems.append(f"run.device must be 'auto' (CUDA when present, MPS on Apple silicon, else CPU) or 'cpu', got {self.run.device!r} "
                             "(pick GPUs with CUDA_VISIBLE_DEVICES or accelerate launch)")
         if self.face.extra:
             problems.append(f"face.extra: stage 1 reads no extra settings, got {', '.join(sorted(self.face.extra))}")
