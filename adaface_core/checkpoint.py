@@ -164,6 +164,19 @@ def read_metadata(path: Union[str, Path]) -> dict[str, str]:
     return metadata
 
 
+def check_weights_usable(inverter: PromptInverter, name: str) -> None:
+    """``CheckpointError`` for weights that can only give NaN subject tokens (black images, no error): a tensor
+    holding NaN or infinity (a diverged run's save), or hidden-state layer weights summing to 0 (the mix
+    divides by their sum)."""
+    broken = [key for key, tensor in inverter.state_dict().items()
+              if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+    if broken:
+        raise CheckpointError(f"{name} holds NaN or infinite weights ({', '.join(broken[:3])}"
+                              f"{' ...' if len(broken) > 3 else ''}): it cannot give a subject; use an earlier checkpoint")
+    if float(inverter.hidden_state_layer_weights.detach().sum()) == 0.0:
+        raise CheckpointError(f"{name}'s hidden_state_layer_weights sum to 0, which the layer mix divides by")
+
+
 def load_inverter(
     path: Union[str, Path],
     device: Union[str, torch.device] = "cpu",
@@ -195,6 +208,7 @@ def load_inverter(
         raise
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"cannot read tensors from {path}: {exc}") from exc
+    check_weights_usable(inverter, path.name)
     logger.info("loaded AdaFace inverter %s (multipliers %s)", path.name, config.attention_multipliers)
     inverter = inverter.to(device)
     if dtype is not None:

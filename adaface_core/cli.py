@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 from typing import Callable, Optional
 
 from .errors import AdaFaceError
@@ -12,6 +13,11 @@ logger = logging.getLogger(__name__)
 
 EXIT_OK = 0
 EXIT_FAILED = 2
+
+
+def user_path(text: str) -> Path:
+    """An argparse ``type`` for paths: ``~`` expanded, as a shell does not after ``--out=``."""
+    return Path(text).expanduser()
 
 
 def run_cli(action: Callable[[], object], what: str, verbose: bool = False) -> int:

@@ -40,18 +40,30 @@ class ClipTextConfig:
     layer_norm_eps: float = 1e-5
     hidden_act: str = "quick_gelu"
 
+    def __post_init__(self) -> None:
+        """A damaged or hand-edited config is refused here, in words, not by a model that fails later."""
+        sizes = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("layer_norm_eps", "hidden_act")}
+        bad = [f"{name}={value!r}" for name, value in sizes.items()
+               if isinstance(value, bool) or not isinstance(value, int) or value < 1]
+        if bad:
+            raise ConfigError(f"the CLIP config needs whole numbers from 1 up: {', '.join(bad)}")
+        eps = self.layer_norm_eps
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
+            raise ConfigError(f"the CLIP config's layer_norm_eps must be a small positive number, got {eps!r}")
+        if not isinstance(self.hidden_act, str) or self.hidden_act not in _ACTIVATIONS:
+            raise ConfigError(f"unsupported CLIP activation {self.hidden_act!r}; expected one of {sorted(_ACTIVATIONS)}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError("hidden_size must be divisible by num_attention_heads")
+
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "ClipTextConfig":
+    def from_dict(cls, values: Any) -> "ClipTextConfig":
         """Reads a transformers ``config.json`` dict (extra keys are ignored)."""
+        if not isinstance(values, dict):
+            raise ConfigError(f"a CLIP config must be a JSON object, got {type(values).__name__}")
         if values.get("text_config"):
             values = values["text_config"]
         known = {f.name for f in fields(cls)}
-        config = cls(**{k: v for k, v in values.items() if k in known})
-        if config.hidden_act not in _ACTIVATIONS:
-            raise ConfigError(f"unsupported CLIP activation {config.hidden_act!r}; expected one of {sorted(_ACTIVATIONS)}")
-        if config.hidden_size % config.num_attention_heads:
-            raise ConfigError("hidden_size must be divisible by num_attention_heads")
-        return config
+        return cls(**{k: v for k, v in values.items() if k in known})
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

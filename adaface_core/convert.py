@@ -22,7 +22,7 @@ from typing import Any, Optional, Sequence, Union
 import torch
 
 from .checkpoint import fsync_dir, load_inverter, save_inverter
-from .cli import run_cli
+from .cli import run_cli, user_path
 from .clip_text import ClipTextConfig
 from .errors import AdaFaceError, CheckpointError, ConfigError
 from .inverter import InverterConfig, PromptInverter, reference_template_ids
@@ -310,8 +310,8 @@ def convert_official_checkpoint(
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """CLI entry point: 0 on success, 2 with a one-line error on any failure to convert."""
     parser = argparse.ArgumentParser(prog="python -m adaface_core.convert", description=__doc__.split("\n\n")[0])
-    parser.add_argument("source", type=Path, help="official AdaFace .pt checkpoint (read safely, never executed)")
-    parser.add_argument("destination", type=Path, help="output .safetensors file")
+    parser.add_argument("source", type=user_path, help="official AdaFace .pt checkpoint (read safely, never executed)")
+    parser.add_argument("destination", type=user_path, help="output .safetensors file")
     parser.add_argument("--subject", default="z", help="subject string of the generator to convert (default: z)")
     parser.add_argument("--dtype", choices=sorted(_DTYPES), help="output precision (default: the source's)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing destination file")

@@ -12,20 +12,22 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 
-from .cli import run_cli
+from .cli import run_cli, user_path
 from .devices import chosen_device, inference_dtype
 from .errors import ConfigError, ModelFileMissingError
 from .face_analysis import FaceAnalyzer
 from .face_pack import PROVIDERS
 from .pipeline import SubjectEncoder
-from .textual_inversion import embedding_file_name, save_textual_inversion
+from .textual_inversion import embedding_file_name, embedding_metadata, files_for_word, save_textual_inversion
 from .tokenizer import find_tokenizer_folder
 
 logger = logging.getLogger(__name__)
@@ -57,6 +59,19 @@ def collect_photos(inputs: Sequence[Path]) -> list[Path]:
     return photos
 
 
+def check_output_file(out: Union[str, Path]) -> Path:
+    """``out`` as the ``NAME.safetensors`` to write, or a ``ConfigError`` when it names a folder (one that
+    exists, or one with a trailing slash) or a path through a file."""
+    text = str(out)
+    path = Path(text).expanduser()
+    if path.is_dir() or text.endswith(("/", os.sep)):
+        raise ConfigError(f"--out {text} is a folder: give the file to write in it, e.g. {path / 'alice.safetensors'}")
+    blocking = next(folder for folder in (path.parent, *path.parent.parents) if folder.exists())
+    if not blocking.is_dir():
+        raise ConfigError(f"cannot write {path}: {blocking} is a file, not a folder")
+    return path.with_name(embedding_file_name(path.name))
+
+
 def resolve_tokenizer(tokenizer: Optional[Path], arc2face: Path) -> Path:
     """The given folder, else a ``tokenizer/`` beside or inside the Arc2Face download."""
     if tokenizer is not None:
@@ -77,17 +92,24 @@ def embed_photos(
     inverter: Path,
     arc2face: Path,
     face_models: Path,
-    out: Path,
+    out: Union[str, Path],
     tokenizer: Optional[Path] = None,
     id_strength: float = 1.0,
     provider: str = "auto",
     device: Optional[str] = None,
     overwrite: bool = False,
 ) -> EmbedResult:
-    """Encodes one identity from ``photos`` and writes it to ``out`` (``NAME.safetensors``)."""
-    if out.is_dir():
-        raise ConfigError(f"--out {out} is a folder: give the file to write in it, e.g. {out / 'alice.safetensors'}")
-    out = out.with_name(embedding_file_name(out.name))
+    """Encodes one identity from ``photos`` and writes it to ``out`` (``NAME.safetensors``).
+
+    Everything about ``out`` is checked before any model loads: a folder, a file in the way of its folder,
+    a name ``embedding:NAME`` would share with another file beside it, an existing file."""
+    if not math.isfinite(id_strength) or not 0.0 <= id_strength <= 2.0:
+        raise ConfigError(f"--id-strength must be a number from 0 to 2 (1 as trained), got {id_strength}")
+    out = check_output_file(out)
+    others = [found for found in files_for_word(out.stem, [out.parent], subfolders=False) if found != out]
+    if others:
+        raise ConfigError(f"embedding:{out.stem} would also name {', '.join(map(str, others))}, which ComfyUI may "
+                          "load instead: choose another name")
     if out.exists() and not overwrite:
         raise ConfigError(f"{out} already exists; choose another name or pass --overwrite")
     files = collect_photos(photos)
@@ -101,20 +123,19 @@ def embed_photos(
         dtype=inference_dtype(torch_device),
     )
     subject, identity = encoder.encode_photos([str(p) for p in files], [p.name for p in files])
-    metadata = {"sources": json.dumps(list(subject.sources)), "id_strength": str(id_strength)}
-    written = save_textual_inversion(subject.scaled_tokens(id_strength), out, metadata)
+    written = save_textual_inversion(subject.scaled_tokens(id_strength), out, embedding_metadata(subject.sources, id_strength))
     logger.info("wrote %s (%d tokens from %d photo(s))", written, subject.num_tokens, len(identity.faces))
     return EmbedResult(written, subject.num_tokens, subject.sources, tuple(identity.skipped_names))
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m adaface_core.embed", description=__doc__.split("\n\n")[0])
-    parser.add_argument("photos", nargs="+", type=Path, help="photos of one person, or folders of them")
-    parser.add_argument("--inverter", type=Path, required=True, help="AdaFace prompt-inverter .safetensors")
-    parser.add_argument("--arc2face", type=Path, required=True, help="Arc2Face 'encoder' folder (or the folder holding it)")
-    parser.add_argument("--face-models", type=Path, required=True, help="insightface pack folder, e.g. models/antelopev2")
-    parser.add_argument("--tokenizer", type=Path, help="SD1.5 tokenizer folder (default: next to --arc2face)")
-    parser.add_argument("--out", type=Path, required=True, help="output NAME.safetensors (e.g. ComfyUI/models/embeddings/alice.safetensors)")
+    parser.add_argument("photos", nargs="+", type=user_path, help="photos of one person, or folders of them")
+    parser.add_argument("--inverter", type=user_path, required=True, help="AdaFace prompt-inverter .safetensors")
+    parser.add_argument("--arc2face", type=user_path, required=True, help="Arc2Face 'encoder' folder (or the folder holding it)")
+    parser.add_argument("--face-models", type=user_path, required=True, help="insightface pack folder, e.g. models/antelopev2")
+    parser.add_argument("--tokenizer", type=user_path, help="SD1.5 tokenizer folder (default: next to --arc2face)")
+    parser.add_argument("--out", required=True, help="output NAME.safetensors (e.g. ComfyUI/models/embeddings/alice.safetensors)")
     parser.add_argument("--id-strength", type=float, default=1.0, help="ID guidance baked into the tokens (default 1)")
     parser.add_argument("--provider", default="auto", choices=("auto", *PROVIDERS))
     parser.add_argument("--device", help="torch device (default: CUDA, then MPS, then CPU)")

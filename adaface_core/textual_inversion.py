@@ -9,9 +9,10 @@ multi-key files), then use the subject with no AdaFace node at all.
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import torch
 from safetensors import safe_open
@@ -24,10 +25,18 @@ WINDOWS_DEVICE_NAMES = frozenset({"CON", "PRN", "AUX", "NUL", *(f"{port}{n}" for
 """Names Windows keeps for devices, whatever follows the first dot: ``nul.safetensors`` is no file there."""
 
 
+PICKLE_SUFFIXES = (".pt", ".bin", ".ckpt", ".pth")
+LOOKUP_SUFFIXES = (".safetensors", ".pt", ".bin")
+"""What ComfyUI's ``embedding:NAME`` appends when no file is called NAME itself (``comfy/sd1_clip.load_embed``)."""
+
+
 def embedding_file_name(name: str) -> str:
     """``NAME.safetensors``, refusing names that would escape the folder, confuse prompt parsing or name a
     Windows device (a workflow shared from Linux must not fail at the write on Windows)."""
-    stem = name[: -len(".safetensors")] if name.endswith(".safetensors") else name
+    stem = name[: -len(".safetensors")] if name.lower().endswith(".safetensors") else name
+    if stem.lower().endswith(PICKLE_SUFFIXES):
+        raise ConfigError(f"embedding name {name!r} ends in {Path(stem).suffix}: embeddings are written as "
+                          f"NAME.safetensors, so give the name without it ({Path(stem).stem!r})")
     if not _SAFE_NAME.match(stem):
         raise ConfigError(
             f"embedding name {name!r} may only use letters, digits, '_', '-' and '.', "
@@ -36,6 +45,23 @@ def embedding_file_name(name: str) -> str:
     if stem.split(".", 1)[0].upper() in WINDOWS_DEVICE_NAMES:
         raise ConfigError(f"embedding name {name!r} is a device name on Windows (CON, NUL, COM1 ...); choose another")
     return stem + ".safetensors"
+
+
+def files_for_word(word: str, folders: Sequence[Path], subfolders: bool = True) -> list[Path]:
+    """Every file ComfyUI's ``embedding:WORD`` could load from ``folders``: in each folder (and, as ComfyUI
+    walks them, every subfolder, in an order it leaves to chance) WORD itself, or WORD with one of
+    ``LOOKUP_SUFFIXES``. More than one means the prompt word names different files on different runs."""
+    found: list[Path] = []
+    for root in folders:
+        places = [Path(folder) for folder, _, _ in os.walk(root, followlinks=True)] if subfolders else [Path(root)]
+        found += [place / (word + suffix) for place in places for suffix in ("", *LOOKUP_SUFFIXES)
+                  if (place / (word + suffix)).is_file()]
+    return sorted(set(found))
+
+
+def embedding_metadata(sources: Sequence[str], id_strength: float) -> dict[str, str]:
+    """What an AdaFace embedding records of how it was made: its photos' names and the strength baked in."""
+    return {"adaface_sources": json.dumps(list(sources)), "adaface_id_strength": str(id_strength)}
 
 
 def save_textual_inversion(
@@ -47,6 +73,9 @@ def save_textual_inversion(
     if tokens.ndim != 2:
         raise ConfigError(f"subject tokens must be [N, H], got {tuple(tokens.shape)}")
     vectors = tokens.detach().float().cpu().contiguous()
+    if not torch.isfinite(vectors).all():
+        raise ConfigError(f"the subject tokens are not all finite numbers (NaN or infinity); {Path(path).name} "
+                          "would give black images, so it was not written")
     meta = {"adaface": json.dumps({"num_vectors": vectors.shape[0]})} | (metadata or {})
     return atomic_save_safetensors({"clip_l": vectors, "emb_params": vectors.clone()}, path, meta)
 

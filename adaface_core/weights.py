@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
+import re
 from pathlib import Path
 from typing import Iterable, Optional
 
@@ -36,6 +38,10 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         # weights_only=True: plain tensors only, a pickle cannot run code through this path.
         state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:  # not torch's own text: it suggests weights_only=False
+        wanted = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        raise CheckpointError(f"{path} holds more than plain tensors, so it is not read (a pickle could run code)"
+                              + (f": it asks for {wanted.group(1)}" if wanted else "")) from exc
     except Exception as exc:  # corrupt or truncated file: say which one
         raise CheckpointError(f"cannot read weights from {path}: {exc}") from exc
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
@@ -91,9 +97,15 @@ def find_weight_file(folder: Path) -> Path:
 def read_clip_text_config(config_path: Path) -> ClipTextConfig:
     """A transformers CLIP text ``config.json``; a missing or malformed one is named."""
     try:
-        return ClipTextConfig.from_dict(json.loads(Path(config_path).read_text(encoding="utf-8")))
+        values = json.loads(Path(config_path).read_text(encoding="utf-8"))
+        if isinstance(values, dict) and values.get("_class_name"):  # a diffusers model, e.g. Arc2Face's arc2face/ UNet
+            raise CheckpointError(f"{config_path} is the config of a diffusers {values['_class_name']}, not of a CLIP "
+                                  "text encoder (for Arc2Face, give its encoder/ folder)")
+        return ClipTextConfig.from_dict(values)
     except FileNotFoundError as exc:
         raise ModelFileMissingError(f"CLIP text config not found: {config_path}") from exc
+    except CheckpointError:
+        raise
     except (ValueError, TypeError) as exc:  # JSONDecodeError is a ValueError
         raise CheckpointError(f"{config_path} is not a valid CLIP text config.json: {exc}") from exc
 

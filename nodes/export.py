@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import logging
 
 from ..adaface_core.subject import SubjectEmbedding
-from ..adaface_core.textual_inversion import embedding_file_name, save_textual_inversion
+from ..adaface_core.textual_inversion import embedding_file_name, embedding_metadata, files_for_word, save_textual_inversion
 from . import folders
 from .errors import EmbeddingExistsError
 from .types import ADAFACE_SUBJECT, CATEGORY
@@ -38,14 +37,16 @@ class AdaFaceSaveEmbedding:
         }
 
     def save(self, subject: SubjectEmbedding, name: str, id_strength: float, overwrite: bool) -> tuple[str]:
-        file_name = embedding_file_name(name.strip())
-        existing = folders.existing_embedding(file_name)
-        if existing is not None and not overwrite:
-            raise EmbeddingExistsError(f"{existing} already exists: choose another name, or switch on overwrite to replace it")
-        path = folders.embeddings_folder() / file_name
-        metadata = {"adaface_sources": json.dumps(list(subject.sources)), "adaface_id_strength": str(id_strength)}
-        save_textual_inversion(subject.scaled_tokens(id_strength), path, metadata)
-        word = f"embedding:{file_name[: -len('.safetensors')]}"
+        roots = folders.embeddings_folders()
+        path = roots[0] / embedding_file_name(name.strip())
+        word = f"embedding:{path.stem}"
+        others = [found for found in files_for_word(path.stem, roots) if found != path]
+        if others:
+            raise EmbeddingExistsError(f"{word} already names {', '.join(map(str, others))} (ComfyUI would load one or "
+                                       "the other by chance): choose another name")
+        if path.exists() and not overwrite:
+            raise EmbeddingExistsError(f"{path} already exists: choose another name, or switch on overwrite to replace it")
+        save_textual_inversion(subject.scaled_tokens(id_strength), path, embedding_metadata(subject.sources, id_strength))
         logger.info("saved the subject as %s; use it in a prompt as %s", path, word)
         return (word,)
 

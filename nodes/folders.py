@@ -153,14 +153,6 @@ def model_files_state(inverter: str | None, arc2face: str | None, face_models: s
     return "|".join(parts)
 
 
-def embeddings_folder() -> Path:
-    """Where new embeddings are saved: the first ComfyUI embeddings folder."""
-    return _roots(EMBEDDINGS_FOLDER)[0]
-
-
-def existing_embedding(file_name: str) -> Path | None:
-    """An embedding of this file name in any embeddings folder (``embedding:NAME`` would find it)."""
-    for root in _roots(EMBEDDINGS_FOLDER):
-        if (root / file_name).exists():
-            return root / file_name
-    return None
+def embeddings_folders() -> list[Path]:
+    """ComfyUI's embeddings folders; new embeddings are saved in the first."""
+    return _roots(EMBEDDINGS_FOLDER)

@@ -86,6 +86,37 @@ def test_bad_inputs_fail_with_one_clear_line(tmp_path, tiny_models, face_pack, c
     assert "is a folder" in caplog.text and not (tmp_path / "embeddings.safetensors").exists()
 
 
+def test_an_output_that_cannot_work_is_refused_before_any_model_loads(tmp_path, tiny_models, face_pack, caplog):
+    photo = write_photos(tmp_path / "p")[0]
+
+    def error_for(out, *extra) -> str:
+        caplog.clear()
+        assert main(args(tiny_models, face_pack, out, photo) + list(extra)) == 2
+        errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+        assert len(errors) == 1
+        return errors[0]
+
+    assert "is a folder" in error_for(f"{tmp_path / 'new'}/")  # would have written new.safetensors beside it
+    (tmp_path / "notes").write_text("a file")
+    assert "notes is a file, not a folder" in error_for(tmp_path / "notes" / "alice.safetensors")
+    (tmp_path / "alice.pt").write_bytes(b"an older embedding")
+    assert "embedding:alice would also name" in error_for(tmp_path / "alice.safetensors")
+    assert "give the name without it" in error_for(tmp_path / "dave.pt")  # not dave.pt.safetensors
+    for strength in ("nan", "inf", "-1", "3"):  # NaN tokens would give black images with no error
+        assert "--id-strength must be a number from 0 to 2" in error_for(tmp_path / "x.safetensors", "--id-strength", strength)
+    assert not list(tmp_path.glob("*.safetensors")) and not (tmp_path / "new.safetensors").exists()
+
+
+def test_a_tilde_in_the_output_is_the_home_folder(tmp_path, tiny_models, face_pack, monkeypatch):
+    """``--out=~/x`` reaches the program unexpanded (no shell expands it after '='): it must not make a '~' folder."""
+    photo = write_photos(tmp_path / "p")[0]
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("USERPROFILE", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    assert main(args(tiny_models, face_pack, Path("~/alice.safetensors"), photo)) == 0
+    assert (tmp_path / "home" / "alice.safetensors").is_file() and not (tmp_path / "~").exists()
+
+
 @pytest.mark.parametrize("device", ["gpu", "cuda:99"] + ([] if torch.cuda.is_available() else ["cuda"]))
 def test_a_device_this_machine_lacks_is_one_clear_line(tmp_path, tiny_models, face_pack, caplog, device):
     photo = write_photos(tmp_path / "p")[0]

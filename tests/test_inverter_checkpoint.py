@@ -150,6 +150,12 @@ def test_textual_inversion_file_has_both_keys_and_loads_in_diffusers(tmp_path, t
         assert str(path) not in Path("/proc/self/maps").read_text()
     with pytest.raises(ConfigError):
         embedding_file_name("../escape")
+    assert embedding_file_name("alice.SAFETENSORS") == "alice.safetensors"
+    with pytest.raises(ConfigError, match=r"written as NAME.safetensors, so give the name without it \('alice'\)"):
+        embedding_file_name("alice.pt")
+    with pytest.raises(ConfigError, match="not all finite"):
+        save_textual_inversion(torch.full((16, 64), float("nan")), tmp_path / "black.safetensors")
+    assert not (tmp_path / "black.safetensors").exists()
     for device in ("con", "NUL.v2", "Com1", "lpt9.safetensors"):
         with pytest.raises(ConfigError, match="device name on Windows"):
             embedding_file_name(device)
@@ -198,9 +204,33 @@ def _rewrite_metadata(source, target, **changes):
     ({"config": {"token_offset": -3}}, "token_offset must be >= 1"),
     ({"config": {"pad_token_id": 99999}}, r"must lie in the CLIP vocabulary \(0..49407\), got 267..99999"),
     ({"config": {"template_ids": [49406] + [267] * 79}}, "the template has 80 tokens, the CLIP text model 77 positions"),
+    # These raised ZeroDivisionError / AttributeError, or loaded and failed at the first encode.
+    ({"config": {"clip": {"num_attention_heads": 0}}}, r"whole numbers from 1 up: num_attention_heads=0"),
+    ({"config": {"clip": {"num_attention_heads": 4.0}}}, r"num_attention_heads=4.0"),
+    ({"config": {"clip": None}}, "a CLIP config must be a JSON object, got NoneType"),
+    ({"config": {"clip": {"layer_norm_eps": "x"}}}, "layer_norm_eps must be a small positive number"),
 ])
 def test_a_checkpoint_with_a_foreign_or_broken_configuration_is_named(tmp_path, tiny_models, changes, message):
     path = _rewrite_metadata(tiny_models.inverter, tmp_path / "odd.safetensors", **changes)
+    with pytest.raises(CheckpointError, match=message):
+        load_inverter(path)
+
+
+def _rewrite_tensor(source, target, key, change):
+    with safe_open(str(source), framework="pt") as f:
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k).clone() for k in f.keys()}
+    change(tensors[key])
+    save_file(tensors, str(target), metadata=metadata)
+    return target
+
+
+@pytest.mark.parametrize("key, change, message", [
+    ("clip.encoder.layers.0.mlp.fc1.weight", lambda t: t.view(-1)[7:9].fill_(float("nan")), "NaN or infinite weights"),
+    ("hidden_state_layer_weights", lambda t: t.copy_(torch.tensor([1.0, -1.0, 0.0])), "sum to 0"),
+])
+def test_weights_that_can_only_give_nan_tokens_are_refused(tmp_path, tiny_models, key, change, message):
+    """A diverged run's save, or layer weights the mix divides by to 0: the subject would be NaN, the images black."""
+    path = _rewrite_tensor(tiny_models.inverter, tmp_path / "nan.safetensors", key, change)
     with pytest.raises(CheckpointError, match=message):
         load_inverter(path)
 
@@ -225,8 +255,9 @@ def test_code_in_the_encoders_pytorch_model_bin_is_refused_and_never_run(tmp_pat
     marker = tmp_path / "pwned"
     state = torch.load(folder / "pytorch_model.bin", weights_only=True)
     torch.save(state | {"payload": Evil(builtins.open, str(marker), "w")}, folder / "pytorch_model.bin")
-    with pytest.raises(CheckpointError, match=r"cannot read weights from .*pytorch_model.bin"):
+    with pytest.raises(CheckpointError, match=r"pytorch_model.bin holds more than plain tensors.*: it asks for io.open$") as refused:
         Arc2FaceEncoder.from_folder(folder, load_clip_tokenizer(tiny_models.tokenizer))
+    assert "weights_only" not in str(refused.value)  # torch's own text suggests weights_only=False
     assert not marker.exists()
 
 
@@ -236,6 +267,11 @@ def test_a_corrupt_encoder_config_names_the_file(tmp_path, tiny_models):
     folder = shutil.copytree(tiny_models.encoder, tmp_path / "encoder")
     (folder / "config.json").write_text("{ not json", encoding="utf-8")
     with pytest.raises(CheckpointError, match=r"encoder[/\\]config.json is not a valid CLIP text config.json"):
+        Arc2FaceEncoder.from_folder(folder, load_clip_tokenizer(tiny_models.tokenizer))
+    # Arc2Face's download holds arc2face/ (a UNet) beside encoder/: the easy mix-up is named
+    unet = json.loads((tiny_models.sd15 / "unet" / "config.json").read_text(encoding="utf-8"))
+    (folder / "config.json").write_text(json.dumps(unet), encoding="utf-8")
+    with pytest.raises(CheckpointError, match="config of a diffusers UNet2DConditionModel.*give its encoder/ folder"):
         Arc2FaceEncoder.from_folder(folder, load_clip_tokenizer(tiny_models.tokenizer))
 
 

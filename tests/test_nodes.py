@@ -377,6 +377,23 @@ def test_saved_embedding_loads_back_and_is_not_overwritten_by_accident(env, subj
     torch.testing.assert_close(load(path), subject.scaled_tokens(0.5))
 
 
+def test_a_name_embedding_NAME_would_share_with_another_file_is_refused(env, subject):
+    """ComfyUI's embedding:NAME looks in every embeddings folder and subfolder, in an order left to chance, for
+    NAME, NAME.safetensors, NAME.pt and NAME.bin: a second file so named would make the prompt word load
+    either person from one run to the next."""
+    node = env.node("AdaFaceSaveEmbedding")
+    root = env.models / "embeddings"
+    (root / "civitai").mkdir(parents=True, exist_ok=True)
+    (root / "civitai" / "bob.safetensors").write_bytes(b"someone else")
+    (root / "carol.pt").write_bytes(b"an older embedding")
+    for name, other in (("bob", "civitai"), ("carol", "carol.pt")):
+        for overwrite in (False, True):
+            with pytest.raises(env.module("nodes.errors").EmbeddingExistsError, match=f"embedding:{name} already names .*{other}"):
+                node.save(subject, name, 1.0, overwrite)
+    assert not (root / "bob.safetensors").exists() and not (root / "carol.safetensors").exists()
+    assert node.save(subject, "bobby", 1.0, False) == ("embedding:bobby",)
+
+
 def test_mix_at_zero_and_one_gives_the_endpoints(env, adaface, subject):
     other = env.node("AdaFaceFaceEmbed").embed([adaface], [photo(corner=20, colour=(1.0, 0.8, 0.5))])[0]
     node = env.node("AdaFaceMixSubjects")

@@ -114,9 +114,8 @@ def read_sd15_file(path: Union[str, Path]) -> Sd15File:
         if path.suffix.lower() != ".ckpt":
             raise
         raise CheckpointError(
-            f"{exc}. A .ckpt is read with torch.load(weights_only=True), which refuses anything but tensors (so a "
-            "pickle can never run code): use the model's .safetensors release, or save the file's state_dict as "
-            ".safetensors once with a tool you trust"
+            f"{exc}. Use the model's .safetensors release, or save the file's state_dict as .safetensors once "
+            "with a tool you trust"
         ) from exc
     return split_components(state, path)
 
