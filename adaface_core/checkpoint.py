@@ -19,7 +19,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .errors import AdaFaceError, CheckpointError, ModelFileMissingError, WriteError
+from .errors import AdaFaceError, CheckpointError, ModelFileMissingError, WriteError, git_lfs_hint
 from .inverter import InverterConfig, PromptInverter
 from .weights import check_shapes, state_shapes
 
@@ -139,6 +139,8 @@ def save_inverter(
 
 def read_metadata(path: Union[str, Path]) -> dict[str, str]:
     path = Path(path)
+    if path.is_dir():
+        raise ModelFileMissingError(f"{path} is a folder: give the AdaFace inverter .safetensors file in it")
     if not path.is_file():
         raise ModelFileMissingError(f"AdaFace checkpoint not found: {path}")
     if path.suffix in (".pt", ".ckpt", ".bin", ".pth"):
@@ -150,7 +152,8 @@ def read_metadata(path: Union[str, Path]) -> dict[str, str]:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
     except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{path} is not a readable safetensors file ({exc}); it may be truncated or corrupt") from exc
+        raise CheckpointError(f"{path} is not a readable safetensors file ({exc}); it may be truncated or corrupt."
+                              f"{git_lfs_hint(path)}") from exc
     if metadata.get("format") != FORMAT_NAME:
         raise CheckpointError(
             f"{path.name} is a safetensors file but not an AdaFace inverter checkpoint "

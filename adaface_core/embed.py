@@ -33,6 +33,8 @@ from .tokenizer import find_tokenizer_folder
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+UNREAD_PHOTO_SUFFIXES = (".heic", ".heif", ".avif")
+"""Photo formats Pillow reads only with a plug-in: named when a folder holds them, not silently passed over."""
 
 
 @dataclass(frozen=True)
@@ -49,7 +51,12 @@ def collect_photos(inputs: Sequence[Path]) -> list[Path]:
     photos: list[Path] = []
     for item in inputs:
         if item.is_dir():
-            photos += sorted(p for p in item.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+            visible = sorted(p for p in item.iterdir() if not p.name.startswith("."))
+            photos += [p for p in visible if p.suffix.lower() in IMAGE_SUFFIXES]
+            unread = [p.name for p in visible if p.suffix.lower() in UNREAD_PHOTO_SUFFIXES]
+            if unread:
+                logger.warning("not read from %s: %s (HEIC and AVIF photos need saving as JPEG or PNG first)", item,
+                               ", ".join(unread[:5]) + (f" and {len(unread) - 5} more" if len(unread) > 5 else ""))
         elif item.is_file():
             photos.append(item)
         else:

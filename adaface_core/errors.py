@@ -1,5 +1,13 @@
 """Errors a user can act on: each message says what was expected and where."""
 
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Union
+
+GIT_LFS_POINTER = b"version https://git-lfs.github.com/spec/v1"
+
 
 class AdaFaceError(Exception):
     """Base class for every error this package raises on purpose."""
@@ -36,3 +44,18 @@ class ConfigError(AdaFaceError, ValueError):
 
 class WriteError(AdaFaceError, OSError):
     """A file could not be written (a full disk, a size limit, a read-only folder); nothing was replaced."""
+
+
+def git_lfs_hint(path: Union[str, os.PathLike]) -> str:
+    """A sentence for an unreadable model file that is a Git LFS pointer, else "". A clone of a Hugging Face
+    repository made without git-lfs holds ~130-byte text stand-ins of the same names, which every reader
+    rejects with its own puzzling error ("Protobuf parsing failed", "header too large")."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(len(GIT_LFS_POINTER))
+    except OSError:
+        return ""
+    if head != GIT_LFS_POINTER:
+        return ""
+    return (f" {Path(path).name} is a Git LFS pointer, not the model: the repository was cloned without git-lfs. "
+            "Run `git lfs pull` in it, or download the file from the model page.")

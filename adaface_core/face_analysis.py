@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
-from .errors import AdaFaceError, ConfigError, NoFaceError
+from .errors import AdaFaceError, ConfigError, NoFaceError, git_lfs_hint
 from .face_pack import FacePackFiles, onnx_providers, resolve_face_pack
 from .image_io import DetectionCanvas, ImageInput, as_image_list, detection_canvas, image_name, to_bgr_uint8
 
@@ -280,7 +280,7 @@ class FaceAnalyzer:
             try:
                 model = get_model(str(path), providers=providers)
             except Exception as error:  # onnxruntime raises its own types for corrupt files
-                raise FaceModelLoadError(f"cannot load face {role} model {path}: {error}") from error
+                raise FaceModelLoadError(f"cannot load face {role} model {path}: {error}.{git_lfs_hint(path)}") from error
             if model is None or getattr(model, "taskname", None) != role:
                 kind = getattr(model, "taskname", "unrecognised")
                 raise ConfigError(f"{path} was expected to be a face {role} model, but insightface reads it as {kind}")

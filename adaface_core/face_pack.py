@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
-from .errors import ConfigError, ModelFileMissingError
+from .errors import ConfigError, ModelFileMissingError, git_lfs_hint
 
 logger = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ def onnx_role(path: Path) -> Optional[str]:
     try:
         graph = onnx.load(str(path), load_external_data=False).graph
     except Exception as error:  # a damaged or non-ONNX file: not ours to use, say why in the log
-        logger.warning("cannot read %s as ONNX (%s); ignoring it", path, error)
+        logger.warning("cannot read %s as ONNX (%s); ignoring it.%s", path, error, git_lfs_hint(path))
         return None
     if len(graph.output) >= 5:
         return "detection"

@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterator, Optional, Union
 import torch
 from torch import nn
 
-from .errors import CheckpointError, ModelFileMissingError, UnsafePickleError
+from .errors import CheckpointError, ModelFileMissingError, UnsafePickleError, git_lfs_hint
 
 logger = logging.getLogger(__name__)
 
@@ -300,6 +300,8 @@ class RestrictedUnpickler(pickle._Unpickler):  # the Python unpickler: its opcod
 def load_torch_zip(path: Union[str, Path]) -> Any:
     """The object in a ``torch.save`` zip file, with model objects as :class:`StandIn` records."""
     path = Path(path)
+    if path.is_dir():
+        raise ModelFileMissingError(f"{path} is a folder: give the checkpoint file in it")
     if not path.is_file():
         raise ModelFileMissingError(f"checkpoint not found: {path}")
     if not zipfile.is_zipfile(path):
@@ -307,7 +309,10 @@ def load_torch_zip(path: Union[str, Path]) -> Any:
             head = handle.read(2)
         if head[:1] == b"\x80":
             raise CheckpointError(f"{path.name} is a legacy (torch < 1.6) pickle; only torch zip files are read")
-        raise CheckpointError(f"{path.name} is not a torch zip checkpoint (it may be truncated or corrupt)")
+        if path.suffix.lower() == ".safetensors":
+            raise CheckpointError(f"{path.name} is a safetensors file, not an official .pt release: it needs no conversion "
+                                  "if it is an AdaFace inverter (put it in ComfyUI/models/adaface)")
+        raise CheckpointError(f"{path.name} is not a torch zip checkpoint (it may be truncated or corrupt).{git_lfs_hint(path)}")
     try:
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from .clip_text import ClipTextConfig, ClipTextTransformer
-from .errors import CheckpointError, ModelFileMissingError
+from .errors import CheckpointError, ModelFileMissingError, git_lfs_hint
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path} holds more than plain tensors, so it is not read (a pickle could run code)"
                               + (f": it asks for {wanted.group(1)}" if wanted else "")) from exc
     except Exception as exc:  # corrupt or truncated file: say which one
-        raise CheckpointError(f"cannot read weights from {path}: {exc}") from exc
+        raise CheckpointError(f"cannot read weights from {path}: {exc}.{git_lfs_hint(path)}") from exc
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):

@@ -27,12 +27,13 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from adaface_core.checkpoint import load_inverter
 from adaface_core.clip_text import ClipTextConfig
 from adaface_core.convert import convert_official_checkpoint, main
-from adaface_core.errors import CheckpointError, UnsafePickleError
+from adaface_core.errors import CheckpointError, ModelFileMissingError, UnsafePickleError
 from adaface_core.inverter import InverterConfig, PromptInverter, reference_template_ids
 from adaface_core.safe_unpickle import is_standin, load_torch_zip
 from helpers_pickles import Evil
@@ -450,6 +451,15 @@ def test_corrupt_files_give_checkpoint_errors(release, tmp_path):
     with pytest.raises(CheckpointError, match="not the dict of an AdaFace release"):
         torch.save([1, 2], tmp_path / "list.pt")
         convert_official_checkpoint(tmp_path / "list.pt", tmp_path / "out.safetensors")
+    # The usual slips: the folder, an already converted file, a clone made without git-lfs.
+    with pytest.raises(ModelFileMissingError, match="is a folder: give the checkpoint file in it"):
+        convert_official_checkpoint(tmp_path, tmp_path / "out.safetensors")
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "done.safetensors"))
+    with pytest.raises(CheckpointError, match="is a safetensors file, not an official .pt release: it needs no conversion"):
+        convert_official_checkpoint(tmp_path / "done.safetensors", tmp_path / "out.safetensors")
+    (tmp_path / "pointer.pt").write_bytes(b"version https://git-lfs.github.com/spec/v1\noid sha256:" + b"0" * 64 + b"\n")
+    with pytest.raises(CheckpointError, match="pointer.pt is a Git LFS pointer"):
+        convert_official_checkpoint(tmp_path / "pointer.pt", tmp_path / "out.safetensors")
 
 
 def test_cli_in_process(release, tmp_path, caplog):

@@ -33,11 +33,13 @@ def args(tiny_models, face_pack: Path, out: Path, *photos: Path) -> list[str]:
             "--provider", "cpu", "--device", "cpu"]
 
 
-def test_folder_of_photos_becomes_an_embedding_file(tmp_path, tiny_models, face_pack, capsys):
+def test_folder_of_photos_becomes_an_embedding_file(tmp_path, tiny_models, face_pack, capsys, caplog):
     write_photos(tmp_path / "alice")
+    (tmp_path / "alice" / "IMG_0001.HEIC").write_bytes(b"an iPhone photo")  # Pillow cannot read it: named, not lost
     out = tmp_path / "embeddings" / "alice.safetensors"
 
     assert main(args(tiny_models, face_pack, out, tmp_path / "alice")) == 0
+    assert "not read from" in caplog.text and "IMG_0001.HEIC (HEIC and AVIF" in caplog.text
 
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["prompt_word"] == "embedding:alice"

@@ -154,10 +154,17 @@ def test_pack_without_recogniser_says_which_is_missing(tmp_path):
     assert "scrfd_10g_bnkps.onnx" in str(info.value)  # lists what it has
 
 
+LFS_POINTER = b"version https://git-lfs.github.com/spec/v1\noid sha256:" + b"0" * 64 + b"\nsize 16923827\n"
+
+
 def test_damaged_model_file_is_named(tmp_path, tiny_analyzer):
     write_tiny_face_pack(tmp_path, with_extras=False)
     (tmp_path / "glintr100.onnx").write_bytes(b"not an onnx file")
-    with pytest.raises(FaceModelLoadError, match="glintr100.onnx"):
+    with pytest.raises(FaceModelLoadError, match="glintr100.onnx") as damaged:
+        FaceAnalyzer.from_folder(tmp_path, provider="cpu")
+    assert "LFS" not in str(damaged.value)
+    (tmp_path / "glintr100.onnx").write_bytes(LFS_POINTER)  # a clone made without git-lfs
+    with pytest.raises(FaceModelLoadError, match="glintr100.onnx is a Git LFS pointer, not the model.*git lfs pull"):
         FaceAnalyzer.from_folder(tmp_path, provider="cpu")
     with pytest.raises(ConfigError, match="multiple of 32"):
         FaceAnalyzer(tiny_analyzer.detector, tiny_analyzer.recognizer, det_size=600)

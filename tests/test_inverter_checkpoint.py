@@ -120,7 +120,8 @@ def test_mismatched_checkpoint_names_the_tensor(tmp_path, tiny_models):
 
 @pytest.mark.parametrize(
     "content, message",
-    [(b"not a safetensors file at all", "not a readable safetensors file"), (None, "not an AdaFace inverter checkpoint")],
+    [(b"not a safetensors file at all", "not a readable safetensors file"), (None, "not an AdaFace inverter checkpoint"),
+     (b"version https://git-lfs.github.com/spec/v1\noid sha256:" + b"0" * 64 + b"\nsize 1000\n", "x.safetensors is a Git LFS pointer")],
 )
 def test_corrupt_or_foreign_files_are_refused(tmp_path, content, message):
     path = tmp_path / "x.safetensors"
