@@ -224,13 +224,18 @@ class CompositionStage:
         }
 
 
+DELTA_REVISION = 2
+"""Raised when the delta loss itself changes (2: the attention maps carry the subject's summed attention), so a
+run resumed from an older version measures its held-out start again instead of comparing across the change."""
+
+
 def heldout_settings(settings: CompositionSettings, config: TrainConfig, placeholder: str) -> dict:
     """What the held-out figures depend on (the training-only knobs left out): a resume under other values
     measures the stage's start again (``HeldoutReport``)."""
     measured = {k: v for k, v in dataclasses.asdict(settings).items() if k not in ("random_id_prob", "face_loss_bound")}
     measured["weights"].pop("face_preserve")  # the held-out draws weigh the delta terms only
     return dict(measured, placeholder=placeholder, face_loss=dataclasses.asdict(config.face.loss),
-                image_size=config.data.image_size)
+                image_size=config.data.image_size, delta_revision=DELTA_REVISION)
 
 
 def build_stage(config: TrainConfig, stage_config: StageConfig, models: Models, accelerator, output: Path) -> CompositionStage:
