@@ -186,9 +186,12 @@ def _pack(units: list[list[Entry]], special: SpecialTokens, length: int, width: 
 
 
 def _content(chunk: Sequence[Entry], special: SpecialTokens) -> list[Entry]:
-    """A chunk's entries between its start token and its end token."""
+    """A chunk's entries after its start token, without the end token and padding that close it. (Not up to
+    the first end token: a typed ``<|endoftext|>`` is that token too, and ComfyUI encodes the text after it.)"""
     body = list(chunk[1:])
-    return body[: next((i for i, e in enumerate(body) if _token_id(e) == special.end), len(body))]
+    while body and _token_id(body[-1]) in (special.end, special.pad):
+        body.pop()
+    return body
 
 
 def _runs(contents: Sequence[Sequence[Entry]], capacity: int) -> list[list[int]]:
@@ -255,7 +258,7 @@ def inject_into_chunks(
         )
     for slot in missing:
         last = out[-1]
-        end = next(i for i, e in enumerate(last[1:], 1) if _token_id(e) == special.end)
+        end = 1 + len(_content(last, special))
         units = [[e] for e in last[1:end]] + [_subject_entries(slot, last[end])]
         out[-1:] = _pack(units, special, length, width)
     return out
@@ -278,7 +281,9 @@ def mask_standalone_placeholders(text: str, slots: Sequence[SubjectSlot]) -> Opt
     if not lengths:
         return text
     words = "|".join(re.escape(word) for word in sorted(lengths, key=len, reverse=True))
-    pattern = re.compile(rf"({re.escape(EMBEDDING_PREFIX)}\S+)|(?<!\w)({words})(?!\w)", re.IGNORECASE)
+    # An embedding name ends where ComfyUI's does: at a space or at the bracket that ends its weighted segment
+    # ("(embedding:style:1.1),z" holds the placeholder); ComfyUI's prefix is case-sensitive, the words are not.
+    pattern = re.compile(rf"({re.escape(EMBEDDING_PREFIX)}[^\s()]+)|(?<!\w)(?i:({words}))(?!\w)")
     return pattern.sub(lambda m: m.group(1) or digit * lengths[m.group(2).lower()], text)
 
 

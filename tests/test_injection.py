@@ -122,6 +122,28 @@ def test_the_mask_leaves_embedding_references_and_other_words_alone(clip):
     assert mask_standalone_placeholders("embedding:z z (z:1.2) schwarz z_1 z-like", slots) == "embedding:z 0 (0:1.2) schwarz z_1 0-like"
 
 
+def test_a_placeholder_just_after_an_embedding_is_found(clip):
+    """ComfyUI ends an embedding name at a space or at the bracket closing its weighted segment, and reads its
+    prefix case-sensitively: in each of these 'z' is a word of the prompt (it was taken for part of a name)."""
+    slots = [slot(clip, "s", torch.zeros(16, 64), "z")]
+    text = "(embedding:style:1.1),z smiling embedding:style(z:1.2) Embedding:z embedding:z"
+    assert mask_standalone_placeholders(text, slots) == "(embedding:style:1.1),0 smiling embedding:style(0:1.2) Embedding:0 embedding:z"
+    out = inject_prompt("(embedding:style:1.1),z smiling", lambda t: clip.tokenize(t)["l"], slots, special(clip))
+    assert sum(isinstance(e[0], torch.Tensor) for e in out[0]) == 16
+
+
+def test_text_after_a_typed_end_token_is_kept(clip):
+    """CLIP's tokenizer reads a typed <|endoftext|> as the end token, and ComfyUI encodes the text after it."""
+    subject = torch.zeros(16, 64)
+    out = inject_prompt("a photo of z <|endoftext|> in the forest", lambda t: clip.tokenize(t)["l"],
+                        [slot(clip, "s", subject, "z")], special(clip))
+    plain = [e[0] for e in clip.tokenize("a photo of <|endoftext|> in the forest")["l"][0]]
+    end = special(clip).end
+    tail = plain[plain.index(end) : plain.index(end) + 4]  # the typed end token and 'in the forest'
+    ids = [e[0] for e in out[0] if not isinstance(e[0], torch.Tensor)]
+    assert ids[4 : 4 + len(tail)] == tail and len(tail) == 4
+
+
 def test_a_tokenizer_the_mask_does_not_fit_falls_back_to_every_occurrence(clip, caplog):
     def spreading_digits(text):  # one digit becomes two tokens: the two tokenizations no longer line up
         return clip.tokenize(text.replace("0", "0 0"))["l"]
