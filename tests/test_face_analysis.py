@@ -410,6 +410,33 @@ def test_a_turned_photo_gives_its_persons_face_in_its_own_pixels(analyzer, faces
     assert "turned.jpg is read turned by" in caplog.text
 
 
+def test_a_turned_tight_crop_is_read_turned_back(analyzer, faces):
+    """A crop to Biden's face, turned a quarter: found only with a border, which the turned readings need too."""
+    image = np.asarray(Image.open(faces / "labeled" / "Joe_Biden" / "biden.jpg").convert("RGB"))
+    upright = analyzer.analyze(image)
+    x0, y0, x1, y1 = upright.bbox
+    half = 0.65 * max(x1 - x0, y1 - y0)
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    crop = Image.fromarray(image[int(max(cy - half, 0)):int(cy + half), int(max(cx - half, 0)):int(cx + half)])
+    turned = np.ascontiguousarray(np.rot90(np.asarray(crop.resize((400, 400), Image.BICUBIC)), 3))
+    assert cosine(analyzer.analyze(turned, name="crop.jpg").normed_embedding, upright.normed_embedding) > 0.8
+
+
+def test_a_bystander_turned_upright_does_not_replace_a_partly_covered_subject(analyzer, faces):
+    """Obama with the lower part of his face covered scores low, and a small Grace Hopper lies sideways in a
+    corner: turned, hers is the better-scoring face, but it is a much smaller one, so he stays the subject."""
+    obama = np.asarray(Image.open(faces / "labeled" / "Barack_Obama" / "obama.jpg").convert("RGB"))
+    subject = analyzer.analyze(obama)
+    x0, y0, x1, y1 = subject.bbox.astype(int)
+    photo = obama.copy()
+    photo[int(y1 - 0.4 * (y1 - y0)):y1, x0:x1] = 90
+    photo[20:280, 20:280] = np.rot90(np.asarray(Image.fromarray(grace_hopper(faces)).resize((260, 260))), 1)
+    found = analyzer.analyze(photo, name="covered.jpg")
+    assert found.det_score < 0.75  # doubtful: the turned readings ran
+    assert cosine(found.normed_embedding, subject.normed_embedding) > 0.7
+    assert cosine(found.normed_embedding, analyzer.analyze(grace_hopper(faces)).normed_embedding) < 0.3
+
+
 def test_an_upright_photo_is_never_read_turned(analyzer, faces, caplog):
     """Every test portrait and group photo, upright, gives the face a plain detection gives."""
     with caplog.at_level(logging.INFO, logger="adaface_core.face_analysis"):
