@@ -113,7 +113,7 @@ def embed_photos(
     if not math.isfinite(id_strength) or not 0.0 <= id_strength <= 2.0:
         raise ConfigError(f"--id-strength must be a number from 0 to 2 (1 as trained), got {id_strength}")
     out = check_output_file(out)
-    others = [found for found in files_for_word(out.stem, [out.parent], subfolders=False) if found != out]
+    others = files_for_word(out.stem, [out.parent], subfolders=False, other_than=out)
     if others:
         raise ConfigError(f"embedding:{out.stem} would also name {', '.join(map(str, others))}, which ComfyUI may "
                           "load instead: choose another name")

@@ -47,16 +47,29 @@ def embedding_file_name(name: str) -> str:
     return stem + ".safetensors"
 
 
-def files_for_word(word: str, folders: Sequence[Path], subfolders: bool = True) -> list[Path]:
+def files_for_word(word: str, folders: Sequence[Path], subfolders: bool = True,
+                   other_than: Optional[Path] = None) -> list[Path]:
     """Every file ComfyUI's ``embedding:WORD`` could load from ``folders``: in each folder (and, as ComfyUI
     walks them, every subfolder, in an order it leaves to chance) WORD itself, or WORD with one of
-    ``LOOKUP_SUFFIXES``. More than one means the prompt word names different files on different runs."""
-    found: list[Path] = []
+    ``LOOKUP_SUFFIXES``, each real file once, ``other_than`` (the file about to be written) left out. Any
+    other means the prompt word could name either file."""
+    found: dict[str, Path] = {}
+    seen: set[str] = set()
     for root in folders:
-        places = [Path(folder) for folder, _, _ in os.walk(root, followlinks=True)] if subfolders else [Path(root)]
-        found += [place / (word + suffix) for place in places for suffix in ("", *LOOKUP_SUFFIXES)
-                  if (place / (word + suffix)).is_file()]
-    return sorted(set(found))
+        for folder, subfolder_names, _ in os.walk(root, followlinks=True):
+            real = os.path.realpath(folder)
+            if real in seen:  # a folder listed twice, or reached again through a link (a loop would never end)
+                subfolder_names[:] = []
+                continue
+            seen.add(real)
+            for candidate in (Path(folder) / (word + suffix) for suffix in ("", *LOOKUP_SUFFIXES)):
+                if candidate.is_file():
+                    found.setdefault(os.path.realpath(candidate), candidate)
+            if not subfolders:
+                break
+    if other_than is not None:
+        found.pop(os.path.realpath(other_than), None)
+    return sorted(found.values())
 
 
 def embedding_metadata(sources: Sequence[str], id_strength: float) -> dict[str, str]:

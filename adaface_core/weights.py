@@ -38,12 +38,15 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         # weights_only=True: plain tensors only, a pickle cannot run code through this path.
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:  # not torch's own text: it suggests weights_only=False
-        wanted = re.search(r"GLOBAL ([\w.]+)", str(exc))
-        raise CheckpointError(f"{path} holds more than plain tensors, so it is not read (a pickle could run code)"
-                              + (f": it asks for {wanted.group(1)}" if wanted else "")) from exc
     except Exception as exc:  # corrupt or truncated file: say which one
-        raise CheckpointError(f"cannot read weights from {path}: {exc}.{git_lfs_hint(path)}") from exc
+        reason = str(exc)
+        if isinstance(exc, pickle.UnpicklingError):  # not torch's own text, which suggests weights_only=False
+            wanted = re.search(r"GLOBAL ([\w.]+)", reason)
+            if wanted:
+                raise CheckpointError(f"{path} holds more than plain tensors, so it is not read (a pickle could run "
+                                      f"code): it asks for {wanted.group(1)}") from exc
+            reason = "not a torch checkpoint (truncated, damaged or another format)"
+        raise CheckpointError(f"cannot read weights from {path}: {reason}.{git_lfs_hint(path)}") from exc
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):

@@ -40,7 +40,7 @@ class AdaFaceSaveEmbedding:
         roots = folders.embeddings_folders()
         path = roots[0] / embedding_file_name(name.strip())
         word = f"embedding:{path.stem}"
-        others = [found for found in files_for_word(path.stem, roots) if found != path]
+        others = files_for_word(path.stem, roots, other_than=path)
         if others:
             raise EmbeddingExistsError(f"{word} already names {', '.join(map(str, others))} (ComfyUI would load one or "
                                        "the other by chance): choose another name")

@@ -322,3 +322,5 @@ def test_aligned_attention_maps_add_the_subjects_summed_attention_per_sample():
     torch.testing.assert_close(out[2][0, :, -1], maps[2][0, :, 4:6].sum(-1))
     torch.testing.assert_close(out[2][1, :, -1], maps[2][1, :, 4])
     torch.testing.assert_close(out[3][1, :, :-1], maps[3][1].index_select(-1, batch.index[1, 3]))
+    on_device = aligned_attention_maps([m.to("meta") for m in maps], batch)  # the alignment stays on the host
+    assert all(m.device.type == "meta" and m.shape == (2, 5, 8) for m in on_device)

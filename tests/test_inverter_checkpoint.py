@@ -260,6 +260,11 @@ def test_code_in_the_encoders_pytorch_model_bin_is_refused_and_never_run(tmp_pat
         Arc2FaceEncoder.from_folder(folder, load_clip_tokenizer(tiny_models.tokenizer))
     assert "weights_only" not in str(refused.value)  # torch's own text suggests weights_only=False
     assert not marker.exists()
+    # a clone without git-lfs: no code asked for, so not called unsafe, and the real cause is named
+    (folder / "pytorch_model.bin").write_bytes(b"version https://git-lfs.github.com/spec/v1\noid sha256:" + b"0" * 64 + b"\n")
+    with pytest.raises(CheckpointError, match="not a torch checkpoint.*pytorch_model.bin is a Git LFS pointer") as pointer:
+        Arc2FaceEncoder.from_folder(folder, load_clip_tokenizer(tiny_models.tokenizer))
+    assert "weights_only" not in str(pointer.value)
 
 
 def test_a_corrupt_encoder_config_names_the_file(tmp_path, tiny_models):

@@ -392,6 +392,10 @@ def test_a_name_embedding_NAME_would_share_with_another_file_is_refused(env, sub
                 node.save(subject, name, 1.0, overwrite)
     assert not (root / "bob.safetensors").exists() and not (root / "carol.safetensors").exists()
     assert node.save(subject, "bobby", 1.0, False) == ("embedding:bobby",)
+    # The same folder reached twice (an A1111 folder linked in, a link loop) is one file, and no endless walk.
+    (root / "loop").symlink_to(root, target_is_directory=True)
+    (root / "civitai" / "back").symlink_to(root, target_is_directory=True)
+    assert node.save(subject, "bobby", 0.5, True) == ("embedding:bobby",)
 
 
 def test_mix_at_zero_and_one_gives_the_endpoints(env, adaface, subject):

@@ -54,7 +54,7 @@ def scan_images(root: Path) -> list[Path]:
         raise ModelFileMissingError(f"training image folder not found: {root}")
     images = sorted(
         (p for p in _files_under(root) if p.suffix.lower() in IMAGE_SUFFIXES and not is_mask_file(p)),
-        key=lambda p: p.relative_to(root).as_posix(),  # Windows paths compare without case: the same draws everywhere
+        key=lambda p: p.relative_to(root).parts,  # as POSIX paths compare: Windows ones ignore case, giving other draws
     )
     if not images:
         raise ConfigError(f"no training images (jpg/png/webp) under {root}")

@@ -216,7 +216,7 @@ def aligned_attention_maps(maps: Sequence[torch.Tensor], alignment: Optional[Tok
     out = []
     for k, (x, columns) in enumerate(zip(maps, kept)):
         mask = subject[k] if subject.ndim == 2 else subject[:, k, None, :]
-        out.append(torch.cat([columns, (x * mask.to(x.dtype)).sum(dim=-1, keepdim=True)], dim=-1))
+        out.append(torch.cat([columns, (x * mask.to(x.device, x.dtype)).sum(dim=-1, keepdim=True)], dim=-1))
     return out
 
 
