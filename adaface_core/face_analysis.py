@@ -2,14 +2,11 @@
 
 Only two models of a pack are used (detector and recogniser), loaded from a folder the user filled
 by hand with an explicit onnxruntime provider list; insightface's ``FaceAnalysis(name=...)`` is never
-used, since it downloads at run time and guesses providers. The largest face by true box area is
-the subject (the reference code's sort key lacks parentheses). Detection retries at smaller sizes
-and with a black border before reporting "no face", because frame-filling faces and tight crops
-are the usual misses; for the same reason a first find of only small faces (a bystander) is checked
-with one cheap try for a frame-filling face. A doubtful or missing face is also looked for in the photo turned by
-each quarter, since a sideways or upside-down face is often read as upright and gives a stranger's vector.
-Several photos of one person average their unit vectors, and a photo without a face is reported and skipped
-rather than ending the run.
+used, since it downloads at run time and guesses providers. Finding the faces, with the tries one
+detector run needs, is ``face_detection``'s job. The largest face by true box area is the subject (the
+reference code's sort key lacks parentheses). Several photos of one person average their unit vectors,
+a photo without a face is reported and skipped rather than ending the run, and photos that may put a
+stranger into the average are named.
 """
 
 from __future__ import annotations
@@ -18,26 +15,19 @@ import logging
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 
 from .errors import AdaFaceError, ConfigError, NoFaceError, git_lfs_hint
+from .face_detection import FaceDetection
 from .face_pack import FacePackFiles, onnx_providers, resolve_face_pack
-from .image_io import DetectionCanvas, ImageInput, as_image_list, detection_canvas, image_name, to_bgr_uint8
+from .image_io import ImageInput, as_image_list, image_name, to_bgr_uint8
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["ANALYSIS_REVISION", "DetectedFace", "FaceAnalyzer", "FaceModelLoadError", "IdentityResult", "ImageInput", "average_identity"]
 
-RETRY_DET_SIZES = (640, 512, 384, 256)
-LARGE_CANVAS_SIDES = (1280, 1920)
-"""Canvases for a last try on big photos, where shrinking to ``det_size`` made a real face too small."""
-SMALL_IMAGE_SIDE = 256  # below this, tight crops are framed in a border before the first try
-BYSTANDER_FRACTION = 4
-"""A first hit whose largest face is under 1/4 of the photo's shorter side may be a bystander beside a
-frame-filling face that try missed: one more try, with a border at the smallest detector size (a sixth of
-the first try's cost), runs, and its faces win when its largest is at least twice as big."""
 ALIGNED_SIZE = 112
 MIN_FACE_SIDE = 24
 """Shorter box side (original pixels) below which a face is refused: ArcFace cannot tell people apart there."""
@@ -48,14 +38,6 @@ SAME_PERSON_COSINE = 0.3
 the test photos: one person's pairs 0.53 or more, different people's 0.23 or less)."""
 CLOSE_SECOND_FACE = 0.5
 """A second face at least this share of the largest's area makes "the largest" a close call."""
-TURN_CHECK_SCORE = 0.75
-"""A largest face scoring under this (or no face at all) may be in a photo turned sideways or upside down,
-where SCRFD often reads the keypoints as if upright and ArcFace then gives someone else's vector; the photo
-is read each way up, with and without a border (eight detector runs at the first size). buffalo_s on the
-test photos: upright faces score 0.74-0.88, the same faces turned 0.50-0.78, and no turn of an upright photo
-ever scored higher."""
-TURN_MARGIN = 0.1
-"""How much better a turned photo's largest face must score to be read that way up."""
 ANALYSIS_REVISION = 2
 """Raised when the same models would give some photos another face (2: turned photos); a cache of
 results records it, so results of an older reading are made again."""
@@ -129,11 +111,6 @@ class IdentityResult:
         return [face.name for face in self.faces]
 
 
-def _largest_side(boxes: np.ndarray) -> float:
-    """The side of the square as large as the largest box: a face's size, whatever its aspect."""
-    return float(np.sqrt(np.max((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]))))
-
-
 def average_identity(vectors: Sequence[np.ndarray]) -> np.ndarray:
     """Mean of unit vectors, re-normalised: each photo counts equally, whatever its embedding length."""
     if not vectors:
@@ -179,31 +156,6 @@ def _warn_about_strangers(faces: Sequence[DetectedFace]) -> None:
                            _listed(strangers), usual)
 
 
-def _largest_score(found: tuple[np.ndarray, np.ndarray, np.ndarray]) -> float:
-    boxes, _, scores = found
-    return float(scores[np.argmax((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]))])
-
-
-def _unturn(points: np.ndarray, quarter_turns: int, height: int, width: int) -> np.ndarray:
-    """Points ``[..., 2]`` found in ``np.rot90(photo, quarter_turns)`` in the ``height x width`` photo's pixels."""
-    x, y = points[..., 0], points[..., 1]
-    if quarter_turns == 1:
-        x, y = width - y, x
-    elif quarter_turns == 2:
-        x, y = width - x, height - y
-    elif quarter_turns == 3:
-        x, y = y, height - x
-    return np.stack([x, y], axis=-1).astype(points.dtype)
-
-
-def _fixed_detector_size(detector: Any) -> Optional[tuple[int, int]]:
-    """(width, height) when the detector graph has a fixed input, which rules out the retries."""
-    shape = detector.session.get_inputs()[0].shape
-    if len(shape) == 4 and all(isinstance(v, int) and v > 0 for v in shape[2:4]):
-        return int(shape[3]), int(shape[2])
-    return None
-
-
 def _usable(face: DetectedFace) -> DetectedFace:
     """``face`` if it is big enough to identify someone; ``NoFaceError`` saying how small it is otherwise."""
     side = face.min_side
@@ -228,32 +180,11 @@ class FaceAnalyzer:
         det_thresh: float = 0.5,
         files: Optional[FacePackFiles] = None,
     ):
-        if getattr(detector, "taskname", None) != "detection":
-            raise ConfigError(f"{getattr(detector, 'model_file', detector)} is not a face detector")
         if getattr(recognizer, "taskname", None) != "recognition":
             raise ConfigError(f"{getattr(recognizer, 'model_file', recognizer)} is not a face recognition model")
-        if not getattr(detector, "use_kps", False):
-            raise ConfigError(
-                f"detector {getattr(detector, 'model_file', '')} gives no facial keypoints, which alignment "
-                "needs; use a *_bnkps model such as scrfd_10g_bnkps.onnx"
-            )
-        if det_size < 64 or det_size % 32:
-            raise ConfigError(f"det_size must be a multiple of 32 from 64 up (the detector's largest stride), got {det_size}")
-        self.detector = detector
+        self.detection = FaceDetection(detector, det_size, det_thresh)
         self.recognizer = recognizer
         self.files = files
-        self.det_size = int(det_size)
-        self.det_thresh = float(det_thresh)
-        fixed = _fixed_detector_size(detector)
-        self.resizable = fixed is None
-        if fixed is not None:
-            self.det_sizes: list[tuple[int, int]] = [fixed]
-        else:
-            sizes = [self.det_size] + [s for s in RETRY_DET_SIZES if s < self.det_size]
-            self.det_sizes = [(s, s) for s in sizes]
-        self.max_side = max(max(size) for size in self.det_sizes)
-        # ctx_id 0 keeps the providers the sessions were made with (negative would force CPU).
-        detector.prepare(0, det_thresh=self.det_thresh, nms_thresh=0.4)
         # Graphs that declare batch 1 (on input or output) get one crop per run: onnxruntime rejects
         # or warns about anything else.
         leading = [recognizer.session.get_inputs()[0].shape[0], recognizer.session.get_outputs()[0].shape[0]]
@@ -299,92 +230,14 @@ class FaceAnalyzer:
         return cls(models[0], models[1], det_size=det_size, det_thresh=det_thresh, files=files)
 
     @property
+    def detector(self) -> Any:
+        """insightface's detector model."""
+        return self.detection.detector
+
+    @property
     def providers(self) -> list[str]:
         """The onnxruntime providers the detector session actually runs on."""
         return list(self.detector.session.get_providers())
-
-    def _attempts(self, bgr: np.ndarray) -> Iterator[tuple[DetectionCanvas, tuple[int, int], bool]]:
-        """The (canvas, detector input size, enlarged) tries, in order: as given, then with a border, smaller
-        sizes within each; last, for photos shrunk to fit, larger canvases where a small face is big enough to see."""
-        small = min(bgr.shape[:2]) < SMALL_IMAGE_SIDE
-        for pad in (small, not small):
-            canvas = detection_canvas(bgr, self.max_side, pad)
-            for size in self.det_sizes:
-                yield canvas, size, False
-        longest = max(bgr.shape[:2])
-        if self.resizable and longest > self.max_side:
-            for side in LARGE_CANVAS_SIDES:
-                canvas = detection_canvas(bgr, side, False)
-                input_side = -(-max(canvas.image.shape[:2]) // 32) * 32  # the detector's largest stride
-                yield canvas, (input_side, input_side), True
-                if side >= longest:
-                    break
-
-    def _try(self, canvas: DetectionCanvas, size: tuple[int, int]) -> Optional[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        """One detector run: boxes, keypoints (original pixels) and scores, or None when it finds no face."""
-        height, width = canvas.image.shape[:2]
-        if min(height, width) * min(size) < max(height, width):
-            return None  # a sliver (e.g. 1x300): the detector's aspect-keeping resize would make a side 0 px
-        dets, kps = self.detector.detect(canvas.image, input_size=size, max_num=0)
-        if dets is None or not len(dets) or kps is None:
-            return None
-        boxes, points = canvas.to_original(dets, kps)
-        return boxes, points, dets[:, 4].astype(np.float32)
-
-    def _detect_upright(self, bgr: np.ndarray) -> Optional[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        """Boxes, keypoints (original pixels) and scores from the first try that finds any, None when none
-        does; when its faces are all small, one cheap try with a border checks for a frame-filling face
-        that try missed (``BYSTANDER_FRACTION``)."""
-        for attempt, (canvas, size, enlarged) in enumerate(self._attempts(bgr)):
-            found = self._try(canvas, size)
-            if found is None:
-                continue
-            if attempt:
-                logger.debug("face found on try %d (canvas %s, det size %s)", attempt + 1, canvas.image.shape[:2], size)
-            if not enlarged and _largest_side(found[0]) * BYSTANDER_FRACTION < min(bgr.shape[:2]):
-                closer = self._try(detection_canvas(bgr, self.max_side, True), min(self.det_sizes, key=min))
-                if closer is not None and _largest_side(closer[0]) >= 2 * _largest_side(found[0]):
-                    logger.debug("a frame-filling face outranks the %.0f px one found first", _largest_side(found[0]))
-                    return closer
-            return found
-        return None
-
-    def _turned(self, bgr: np.ndarray, quarter_turns: int, pad: bool) -> Optional[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        """One detector run on the photo turned by ``quarter_turns`` (``np.rot90``), in the photo's own pixels."""
-        turned = np.ascontiguousarray(np.rot90(bgr, quarter_turns)) if quarter_turns else bgr
-        hit = self._try(detection_canvas(turned, self.max_side, pad), self.det_sizes[0])
-        if hit is None or not quarter_turns:
-            return hit
-        height, width = bgr.shape[:2]
-        boxes, points, scores = hit
-        corners = _unturn(boxes.reshape(-1, 2, 2), quarter_turns, height, width)
-        boxes = np.concatenate([corners.min(axis=1), corners.max(axis=1)], axis=1)
-        return boxes, _unturn(points, quarter_turns, height, width), scores
-
-    def _detect(self, bgr: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Boxes ``[n, 4]``, keypoints ``[n, 5, 2]`` (original pixels) and scores ``[n]``.
-
-        A photo whose largest face is doubtful or missing is read once more each way up, with and without a
-        border (tight crops need one, and like is compared with like), and a turn wins when its largest face
-        scores clearly better than every upright reading and is not a much smaller face (a bystander upright
-        in a corner must not replace a subject whose face is partly covered): ``TURN_CHECK_SCORE``.
-        """
-        found = self._detect_upright(bgr)
-        score = _largest_score(found) if found is not None else 0.0
-        if score < TURN_CHECK_SCORE:
-            readings = {(turns, pad): self._turned(bgr, turns, pad) for turns in range(4) for pad in (False, True)}
-            scores = {key: _largest_score(reading) if reading is not None else 0.0 for key, reading in readings.items()}
-            upright = max(score, scores[0, False], scores[0, True])
-            best = max((key for key in readings if key[0]), key=scores.__getitem__)
-            least_side = _largest_side(found[0]) / 2 if found is not None else 0.0
-            if (readings[best] is not None and scores[best] >= upright + TURN_MARGIN
-                    and _largest_side(readings[best][0]) >= least_side):
-                logger.info("%s is read turned by %d degrees: its face is upright that way", name, 90 * best[0])
-                return readings[best]
-        if found is None:
-            empty = np.zeros((0,), np.float32)
-            return empty.reshape(0, 4), empty.reshape(0, 5, 2), empty
-        return found
 
     def _embed(self, bgr: np.ndarray, kps: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
         """Raw embeddings ``[n, D]`` and the 112 px RGB aligned crops for the faces with keypoints ``kps``."""
@@ -407,7 +260,7 @@ class FaceAnalyzer:
 
     def _faces(self, image: ImageInput, name: str, largest_only: bool) -> list[DetectedFace]:
         bgr = to_bgr_uint8(image, name)
-        boxes, kps, scores = self._detect(bgr, name)
+        boxes, kps, scores = self.detection.detect(bgr, name)
         if not len(boxes):
             return []
         areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])

@@ -86,9 +86,9 @@ def main(argv: list[str] | None = None) -> dict:
         subject, _ = cached.encode_photos([photo], [photo_name])  # fills the cache
         # The detector / recogniser split uses FaceAnalyzer's two internal steps (its public call runs both).
         bgr = to_bgr_uint8(photo, photo_name)
-        kps = faces._detect(bgr, photo_name)[1][:1]
+        kps = faces.detection.detect(bgr, photo_name)[1][:1]
         fns = {
-            "detect (SCRFD)": lambda: faces._detect(bgr, photo_name),
+            "detect (SCRFD)": lambda: faces.detection.detect(bgr, photo_name),
             "ArcFace (align + embed)": lambda: faces._embed(bgr, kps),
             "detect + ArcFace": lambda: faces.identity([photo], [photo_name]),
             "Arc2Face encoder": lambda: encoder(vector.to(device, dtype)).id_tokens,

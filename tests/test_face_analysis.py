@@ -400,7 +400,7 @@ def test_a_turned_photo_gives_its_persons_face_in_its_own_pixels(analyzer, faces
         height, width = image.shape[:2]
         for quarter_turns in (1, 2, 3):
             caplog.clear()
-            with caplog.at_level(logging.INFO, logger="adaface_core.face_analysis"):
+            with caplog.at_level(logging.INFO, logger="adaface_core.face_detection"):
                 turned = analyzer.analyze(np.ascontiguousarray(np.rot90(image, quarter_turns)), name="turned.jpg")
             assert cosine(turned.normed_embedding, upright.normed_embedding) > 0.8, (path.name, quarter_turns)
             # np.rot90's turn applied to the upright keypoints: where they are in the turned photo
@@ -439,7 +439,7 @@ def test_a_bystander_turned_upright_does_not_replace_a_partly_covered_subject(an
 
 def test_an_upright_photo_is_never_read_turned(analyzer, faces, caplog):
     """Every test portrait and group photo, upright, gives the face a plain detection gives."""
-    with caplog.at_level(logging.INFO, logger="adaface_core.face_analysis"):
+    with caplog.at_level(logging.INFO, logger="adaface_core.face_detection"):
         for path in sorted((faces / "labeled").glob("*/*.jpg")) + sorted((faces / "groups").glob("*.jpg")):
             analyzer.analyze(path)
     assert "is read turned by" not in caplog.text
