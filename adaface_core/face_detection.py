@@ -165,10 +165,11 @@ class FaceDetection:
         found = self._detect_upright(bgr)
         score = _largest_score(found) if found is not None else 0.0
         if score < TURN_CHECK_SCORE:
+            first_pad = min(bgr.shape[:2]) < SMALL_IMAGE_SIDE  # the canvas of the first try, already read
             readings = {(turns, pad): self._turned(bgr, turns, pad) for turns in range(4) for pad in (False, True)
-                        if turns or pad}  # upright without a border: the first try (or its bordered twin)
+                        if turns or pad != first_pad}
             scores = {key: _largest_score(reading) if reading is not None else 0.0 for key, reading in readings.items()}
-            upright = max(score, scores[0, True])
+            upright = max(score, scores[0, not first_pad])
             best = max((key for key in readings if key[0]), key=scores.__getitem__)
             least_side = _largest_side(found[0]) / 2 if found is not None else 0.0
             if (readings[best] is not None and scores[best] >= upright + TURN_MARGIN

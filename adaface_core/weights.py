@@ -45,7 +45,8 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             if wanted:
                 raise CheckpointError(f"{path} holds more than plain tensors, so it is not read (a pickle could run "
                                       f"code): it asks for {wanted.group(1)}") from exc
-            reason = "not a torch checkpoint (truncated, damaged or another format)"
+            reason = ("not a torch checkpoint" if git_lfs_hint(path) else "the safe loader cannot read its pickle (pickle "
+                      "protocol 4 or later, or a damaged or foreign file): re-save its tensors as .safetensors")
         raise CheckpointError(f"cannot read weights from {path}: {reason}.{git_lfs_hint(path)}") from exc
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]

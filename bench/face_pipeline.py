@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
         vector = torch.as_tensor(identity.embedding).reshape(1, -1)
         id_tokens = encoder(vector.to(device, dtype)).id_tokens
         subject, _ = cached.encode_photos([photo], [photo_name])  # fills the cache
-        # The detector / recogniser split uses FaceAnalyzer's two internal steps (its public call runs both).
+        # The detector / recogniser split: FaceAnalyzer's detection and its internal embedding step (its public call runs both).
         bgr = to_bgr_uint8(photo, photo_name)
         kps = faces.detection.detect(bgr, photo_name)[1][:1]
         fns = {

@@ -265,6 +265,9 @@ def test_code_in_the_encoders_pytorch_model_bin_is_refused_and_never_run(tmp_pat
     with pytest.raises(CheckpointError, match="not a torch checkpoint.*pytorch_model.bin is a Git LFS pointer") as pointer:
         Arc2FaceEncoder.from_folder(folder, load_clip_tokenizer(tiny_models.tokenizer))
     assert "weights_only" not in str(pointer.value)
+    torch.save(state, folder / "pytorch_model.bin", pickle_protocol=4)  # tensors only, but unread by the safe loader
+    with pytest.raises(CheckpointError, match="pickle protocol 4 or later.*re-save its tensors as .safetensors"):
+        Arc2FaceEncoder.from_folder(folder, load_clip_tokenizer(tiny_models.tokenizer))
 
 
 def test_a_corrupt_encoder_config_names_the_file(tmp_path, tiny_models):
