@@ -19,7 +19,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .errors import AdaFaceError, CheckpointError, ModelFileMissingError, WriteError, git_lfs_hint
+from .errors import AdaFaceError, CheckpointError, ConfigError, ModelFileMissingError, WriteError, git_lfs_hint
 from .inverter import InverterConfig, PromptInverter
 from .weights import check_shapes, state_shapes
 
@@ -68,7 +68,21 @@ def _new_file_beside(path: Path) -> Path:
             return candidate
         except FileExistsError:
             continue
+        except OSError as exc:  # a read-only folder or no permission: name the file meant, not the stand-in
+            raise write_failed(path, exc) from exc
     raise FileExistsError(f"cannot create a temporary file beside {path}")
+
+
+def check_writable_destination(path: Union[str, Path]) -> None:
+    """Refuses, before any work, a file that could not be written at the end: a folder in its place, a file
+    among its parents, or a folder that takes no new file (read-only, no permission)."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path} is a folder: give the file to write in it, e.g. {path / 'NAME.safetensors'}")
+    nearest = next(folder for folder in (path.parent, *path.parent.parents) if folder.exists())
+    if not nearest.is_dir():
+        raise ConfigError(f"cannot write {path}: {nearest} is a file, not a folder")
+    _new_file_beside(nearest / path.name).unlink()  # the folders below it are made when written
 
 
 def write_failed(path: Path, exc: BaseException) -> WriteError:
@@ -79,7 +93,8 @@ def write_failed(path: Path, exc: BaseException) -> WriteError:
         free = f"; {shutil.disk_usage(folder).free / 2**20:.0f} MiB free there" if folder else ""
     except OSError:
         free = ""
-    return WriteError(f"cannot write {path}: {exc}{free}")
+    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc  # without the temporary file's name
+    return WriteError(f"cannot write {path}: {reason}{free}")
 
 
 def save_torch_file(obj: object, path: Path) -> None:
@@ -167,12 +182,17 @@ def read_metadata(path: Union[str, Path]) -> dict[str, str]:
     return metadata
 
 
+def non_finite_tensors(module: torch.nn.Module) -> list[str]:
+    """Names of ``module``'s floating tensors holding NaN or infinity."""
+    return [key for key, tensor in module.state_dict().items()
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+
+
 def check_weights_usable(inverter: PromptInverter, name: str) -> None:
     """``CheckpointError`` for weights that can only give NaN subject tokens (black images, no error): a tensor
     holding NaN or infinity (a diverged run's save), or hidden-state layer weights summing to 0 (the mix
     divides by their sum)."""
-    broken = [key for key, tensor in inverter.state_dict().items()
-              if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+    broken = non_finite_tensors(inverter)
     if broken:
         raise CheckpointError(f"{name} holds NaN or infinite weights ({', '.join(broken[:3])}"
                               f"{' ...' if len(broken) > 3 else ''}): it cannot give a subject; use an earlier checkpoint")

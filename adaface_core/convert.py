@@ -21,7 +21,10 @@ from typing import Any, Optional, Sequence, Union
 
 import torch
 
-from .checkpoint import fsync_dir, load_inverter, save_inverter
+from .checkpoint import (
+    check_weights_usable, check_writable_destination, fsync_dir, load_inverter, non_finite_tensors, save_inverter,
+    write_failed,
+)
 from .cli import run_cli, user_path
 from .clip_text import ClipTextConfig
 from .errors import AdaFaceError, CheckpointError, ConfigError
@@ -34,6 +37,12 @@ logger = logging.getLogger(__name__)
 ARC2FACE_TOKENS = 16  # Arc2Face's ID prompt: 16 image-space tokens (ConsistentID's has 4)
 JOINT_ARC2FACE_INDEX = 1  # the reference's name2idx: {'consistentID': 0, 'arc2face': 1}
 _DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
 _CONFIG_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                   "max_position_embeddings", "layer_norm_eps", "hidden_act")
 
@@ -254,6 +263,7 @@ def convert_official_checkpoint(
     src, dst = Path(src), Path(dst)
     if dst.suffix != ".safetensors":
         raise CheckpointError(f"the output must be a .safetensors file, got {dst.name}")
+    check_writable_destination(dst)
     if dst.exists() and not overwrite:
         raise ConfigError(f"{dst} already exists; choose another name or pass --overwrite")
     checkpoint = load_torch_zip(src)
@@ -285,23 +295,31 @@ def convert_official_checkpoint(
         raise CheckpointError(f"prompt2token_proj has weights this inverter does not know: {unexpected[:6]}")
     state["hidden_state_layer_weights"] = layer_weights
     load_checked(inverter, state, f"{src.name} {path}")
+    check_weights_usable(inverter, f"{src.name} {path}")
     source_dtype = tensors["embeddings.token_embedding.weight"].dtype
     out_dtype = dtype or source_dtype
     metadata = {"converted_from": src.name, "source_generator": path, "source_subject": subject}
     inverter.clip.to(out_dtype)  # the three layer weights stay float32: tiny, and the mix is sensitive to them
-    staged = save_inverter(inverter, dst.with_name(f".{dst.stem}.converting.safetensors"), extra_metadata=metadata)
+    overflowed = non_finite_tensors(inverter.clip)
+    if overflowed:
+        raise CheckpointError(f"{src.name}: {overflowed[0]} holds values too large for {_dtype_name(out_dtype)}; "
+                              "convert with --dtype fp32")
+    staged = dst.with_name(f".{dst.stem}.converting.safetensors")
     try:
+        save_inverter(inverter, staged, extra_metadata=metadata)
         load_inverter(staged)  # the written file must reload through the normal checked path
-    except AdaFaceError:
-        staged.unlink(missing_ok=True)
-        raise
-    os.replace(staged, dst)  # only now does an existing file give way
+        try:
+            os.replace(staged, dst)  # only now does an existing file give way
+        except OSError as exc:
+            raise write_failed(dst, exc) from exc
+    finally:
+        staged.unlink(missing_ok=True)  # a failed check or an interrupt leaves no second inverter in the folder
     fsync_dir(dst.parent)
     report = ConversionReport(
         source=str(src), destination=str(dst.resolve()), subject=subject, generator=f"{path} ({generator.class_path})",
         num_tokens=num_tokens, attention_multipliers=multipliers, hidden_state_layer_weights=layer_weights.tolist(),
-        clip=config.to_dict(), source_dtype=str(source_dtype).replace("torch.", ""),
-        output_dtype=str(out_dtype).replace("torch.", ""), num_tensors=len(state), left_out=left_out, notes=notes,
+        clip=config.to_dict(), source_dtype=_dtype_name(source_dtype),
+        output_dtype=_dtype_name(out_dtype), num_tensors=len(state), left_out=left_out, notes=notes,
     )
     logger.info("%s", report.summary())  # names what was left out (the ConsistentID branch of a joint release)
     return report

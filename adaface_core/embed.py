@@ -21,20 +21,18 @@ from typing import Optional, Sequence, Union
 
 import torch
 
+from .checkpoint import check_writable_destination
 from .cli import run_cli, user_path
 from .devices import chosen_device, inference_dtype
 from .errors import ConfigError, ModelFileMissingError
 from .face_analysis import FaceAnalyzer
 from .face_pack import PROVIDERS
+from .image_io import PHOTO_SUFFIXES, warn_unread_photos
 from .pipeline import SubjectEncoder
 from .textual_inversion import embedding_file_name, embedding_metadata, files_for_word, save_textual_inversion
 from .tokenizer import find_tokenizer_folder
 
 logger = logging.getLogger(__name__)
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
-UNREAD_PHOTO_SUFFIXES = (".heic", ".heif", ".avif")
-"""Photo formats Pillow reads only with a plug-in: named when a folder holds them, not silently passed over."""
 
 
 @dataclass(frozen=True)
@@ -52,31 +50,27 @@ def collect_photos(inputs: Sequence[Path]) -> list[Path]:
     for item in inputs:
         if item.is_dir():
             visible = sorted(p for p in item.iterdir() if not p.name.startswith("."))
-            photos += [p for p in visible if p.suffix.lower() in IMAGE_SUFFIXES]
-            unread = [p.name for p in visible if p.suffix.lower() in UNREAD_PHOTO_SUFFIXES]
-            if unread:
-                logger.warning("not read from %s: %s (HEIC and AVIF photos need saving as JPEG or PNG first)", item,
-                               ", ".join(unread[:5]) + (f" and {len(unread) - 5} more" if len(unread) > 5 else ""))
+            photos += [p for p in visible if p.suffix.lower() in PHOTO_SUFFIXES]
+            warn_unread_photos(item, visible)
         elif item.is_file():
             photos.append(item)
         else:
             raise ModelFileMissingError(f"photo not found: {item}")
     if not photos:
-        raise ConfigError(f"no photos ({', '.join(IMAGE_SUFFIXES)}) in {', '.join(map(str, inputs))}")
+        raise ConfigError(f"no photos ({', '.join(PHOTO_SUFFIXES)}) in {', '.join(map(str, inputs))}")
     return photos
 
 
 def check_output_file(out: Union[str, Path]) -> Path:
-    """``out`` as the ``NAME.safetensors`` to write, or a ``ConfigError`` when it names a folder (one that
-    exists, or one with a trailing slash) or a path through a file."""
+    """``out`` as the ``NAME.safetensors`` to write, or an error when it names a folder (one that exists, or one
+    with a trailing slash), a path through a file, or a folder that takes no new file."""
     text = str(out)
     path = Path(text).expanduser()
     if path.is_dir() or text.endswith(("/", os.sep)):
         raise ConfigError(f"--out {text} is a folder: give the file to write in it, e.g. {path / 'alice.safetensors'}")
-    blocking = next(folder for folder in (path.parent, *path.parent.parents) if folder.exists())
-    if not blocking.is_dir():
-        raise ConfigError(f"cannot write {path}: {blocking} is a file, not a folder")
-    return path.with_name(embedding_file_name(path.name))
+    path = path.with_name(embedding_file_name(path.name))
+    check_writable_destination(path)
+    return path
 
 
 def resolve_tokenizer(tokenizer: Optional[Path], arc2face: Path) -> Path:
@@ -109,7 +103,8 @@ def embed_photos(
     """Encodes one identity from ``photos`` and writes it to ``out`` (``NAME.safetensors``).
 
     Everything about ``out`` is checked before any model loads: a folder, a file in the way of its folder,
-    a name ``embedding:NAME`` would share with another file beside it, an existing file."""
+    a folder that takes no new file, a name ``embedding:NAME`` would share with another file beside it, an
+    existing file."""
     if not math.isfinite(id_strength) or not 0.0 <= id_strength <= 2.0:
         raise ConfigError(f"--id-strength must be a number from 0 to 2 (1 as trained), got {id_strength}")
     out = check_output_file(out)

@@ -219,5 +219,9 @@ def resolve_face_pack(folder: Union[str, Path]) -> FacePackFiles:
         detector=_pick(detectors, DETECTOR_NAMES, "detector", folder),
         recognizer=_pick(recognizers, RECOGNIZER_NAMES, "recognition", folder),
     )
+    for path in (pack.detector, pack.recognizer):
+        if path.suffix != ".onnx":  # insightface's model router takes a file by its lower-case ending only
+            raise ConfigError(f"{path}: insightface reads a face model only under a name ending in lower-case .onnx; "
+                              f"rename it to {path.stem}.onnx")
     logger.debug("face pack %s: detector %s, recogniser %s", folder, pack.detector.name, pack.recognizer.name)
     return pack

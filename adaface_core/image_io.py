@@ -26,6 +26,23 @@ ImageInput = Union[str, "os.PathLike[str]", np.ndarray, Image.Image, Any]
 """A file path, PIL image, numpy array (HxW, HxWxC or CxHxW) or torch tensor (ComfyUI IMAGE)."""
 
 
+PHOTO_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+"""What a folder of photos is read for: what Pillow decodes (a GIF or WebP by its first frame). ``.jfif`` is
+how Windows browsers often save a JPEG."""
+
+
+UNREAD_PHOTO_SUFFIXES = (".heic", ".heif", ".avif")
+"""Phone formats Pillow does not decode without a plug-in: named in a warning, never silently passed over."""
+
+
+def warn_unread_photos(folder: Path, files: Sequence[Path]) -> None:
+    """A warning naming the HEIC/AVIF photos among ``files`` (those in ``folder``), which are not read."""
+    unread = [str(p.relative_to(folder)) for p in files if p.suffix.lower() in UNREAD_PHOTO_SUFFIXES]
+    if unread:
+        logger.warning("not read from %s: %s (HEIC and AVIF photos need saving as JPEG or PNG first)", folder,
+                       ", ".join(unread[:5]) + (f" and {len(unread) - 5} more" if len(unread) > 5 else ""))
+
+
 class BadImageError(AdaFaceError, ValueError):
     """An image that cannot be read or has a layout or value range that cannot be interpreted."""
 
@@ -50,6 +67,8 @@ def as_image_list(images: Union[ImageInput, Sequence[ImageInput]]) -> list[Image
 def image_file(image: Union[str, "os.PathLike[str]"]) -> Path:
     """The file a path names (``~`` expanded); a clear error when there is none."""
     path = Path(image).expanduser()
+    if path.is_dir():
+        raise BadImageError(f"{path} is a folder, not an image file")
     if not path.is_file():
         raise BadImageError(f"image file {path} does not exist")
     return path

@@ -33,6 +33,8 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise ModelFileMissingError(f"weight file not found: {path}")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path} is empty (0 bytes): an interrupted download? Download it again")
     try:
         if path.suffix.lower() == ".safetensors":
             return load_file(str(path))
@@ -47,12 +49,14 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
                                       f"code): it asks for {wanted.group(1)}") from exc
             reason = ("not a torch checkpoint" if git_lfs_hint(path) else "the safe loader cannot read its pickle (pickle "
                       "protocol 4 or later, or a damaged or foreign file): re-save its tensors as .safetensors")
+        elif not git_lfs_hint(path):  # torch's own words for a cut-off file are an empty EOFError or "Invalid argument"
+            reason = f"truncated or corrupt ({reason or type(exc).__name__}): download it again"
         raise CheckpointError(f"cannot read weights from {path}: {reason}.{git_lfs_hint(path)}") from exc
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
         raise CheckpointError(f"{path} does not hold a state dict")
-    return state
+    return {key: value for key, value in state.items() if isinstance(value, torch.Tensor)}  # not a saved epoch count
 
 
 def strip_prefix(state: dict[str, torch.Tensor], prefixes: Iterable[str], probe: str) -> dict[str, torch.Tensor]:

@@ -52,3 +52,21 @@ def tiny_models(tmp_path_factory) -> TinyModels:
 def face_pack(tmp_path_factory, tiny_models) -> Path:
     """A tiny antelopev2 pack whose ArcFace stand-in is as wide as the tiny encoder (64-d vectors)."""
     return write_tiny_face_pack(tmp_path_factory.mktemp("insightface") / "antelopev2", recognizer_dim=tiny_models.spec.hidden_size)
+
+
+@pytest.fixture
+def read_only_folder(monkeypatch):
+    """Makes a folder refuse new files as a read-only mount does (chmod would not stop a test run as root)."""
+    real_open = os.open
+
+    def refuse_in(folder: Path) -> Path:
+        def guarded_open(path, flags, *args):
+            if flags & os.O_CREAT and Path(path).parent == folder:
+                raise PermissionError(13, "Permission denied", str(path))
+            return real_open(path, flags, *args)
+
+        folder.mkdir(parents=True, exist_ok=True)
+        monkeypatch.setattr(os, "open", guarded_open)
+        return folder
+
+    return refuse_in

@@ -33,7 +33,7 @@ from torch import nn
 from adaface_core.checkpoint import load_inverter
 from adaface_core.clip_text import ClipTextConfig
 from adaface_core.convert import convert_official_checkpoint, main
-from adaface_core.errors import CheckpointError, ModelFileMissingError, UnsafePickleError
+from adaface_core.errors import CheckpointError, ConfigError, ModelFileMissingError, UnsafePickleError, WriteError
 from adaface_core.inverter import InverterConfig, PromptInverter, reference_template_ids
 from adaface_core.safe_unpickle import is_standin, load_torch_zip
 from helpers_pickles import Evil
@@ -319,6 +319,12 @@ def release(tmp_path_factory):
         no_config = build_generator(seed=4, heads=1, with_config=False)
         nested = build_generator(seed=5)
         nested.note = Evil(os.system, f"touch {root / 'pwned_nested'}")
+        fp32_big = build_generator(seed=8)
+        fp32_big.prompt2token_proj.float()
+        nan_weight = build_generator(seed=9)
+        with torch.no_grad():
+            fp32_big.prompt2token_proj.text_model.encoder.layers[0].mlp.fc1.bias[0] = 1e6  # beyond fp16's 65504
+            nan_weight.prompt2token_proj.text_model.final_layer_norm.weight[0] = float("nan")
         generators = {
             "single": {"z": arc2face},
             "joint": nn.ModuleDict({"z": nn.ModuleList([consistent_id, arc2face])}),
@@ -327,6 +333,8 @@ def release(tmp_path_factory):
             "stale_attribute": {"z": stale},
             "no_config": {"z": no_config},
             "evil_nested": {"z": nested},
+            "fp32_big": {"z": fp32_big},
+            "nan_weight": {"z": nan_weight},
         }
         for name, content in generators.items():
             torch.save({**common, "string_to_subj_basis_generator_dict": content}, root / f"{name}.pt")
@@ -460,6 +468,44 @@ def test_corrupt_files_give_checkpoint_errors(release, tmp_path):
     (tmp_path / "pointer.pt").write_bytes(b"version https://git-lfs.github.com/spec/v1\noid sha256:" + b"0" * 64 + b"\n")
     with pytest.raises(CheckpointError, match="pointer.pt is a Git LFS pointer"):
         convert_official_checkpoint(tmp_path / "pointer.pt", tmp_path / "out.safetensors")
+
+
+def test_weights_that_would_give_nan_tokens_name_the_release_and_the_cure(release, tmp_path):
+    """A value beyond fp16 becomes infinity when cast; a NaN in the release is the release's, not a temp file's."""
+    with pytest.raises(CheckpointError, match=r"^fp32_big.pt: encoder.layers.0.mlp.fc1.bias holds values too "
+                                              r"large for float16; convert with --dtype fp32$"):
+        convert_official_checkpoint(release["fp32_big"], tmp_path / "out.safetensors", dtype=torch.float16)
+    convert_official_checkpoint(release["fp32_big"], tmp_path / "out.safetensors")  # kept fp32, it converts
+    with pytest.raises(CheckpointError, match=r"^nan_weight.pt string_to_subj_basis_generator_dict\['z'\] holds NaN"):
+        convert_official_checkpoint(release["nan_weight"], tmp_path / "nan.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.safetensors"]
+
+
+def test_a_destination_that_cannot_be_written_is_refused_before_converting(release, tmp_path, read_only_folder):
+    (tmp_path / "d.safetensors").mkdir()
+    for overwrite in (False, True):
+        with pytest.raises(ConfigError, match=r"d.safetensors is a folder: give the file to write in it"):
+            convert_official_checkpoint(release["single"], tmp_path / "d.safetensors", overwrite=overwrite)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ConfigError, match=r"file is a file, not a folder"):
+        convert_official_checkpoint(release["single"], tmp_path / "file" / "out.safetensors")
+    with pytest.raises(WriteError, match=r"^cannot write .*ro[/\\]out.safetensors: Permission denied") as refused:
+        convert_official_checkpoint(release["single"], read_only_folder(tmp_path / "ro") / "out.safetensors")
+    assert ".tmp" not in str(refused.value)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["d.safetensors", "file", "ro"]
+
+
+def test_an_interrupted_conversion_leaves_no_second_inverter_beside_the_first(release, tmp_path, monkeypatch):
+    """A staged file is a complete, loadable inverter: left behind, ComfyUI's dropdown would offer it."""
+    import adaface_core.convert as convert
+
+    def interrupted(path, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(convert, "load_inverter", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        convert_official_checkpoint(release["single"], tmp_path / "out.safetensors")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_cli_in_process(release, tmp_path, caplog):

@@ -88,7 +88,8 @@ def test_bad_inputs_fail_with_one_clear_line(tmp_path, tiny_models, face_pack, c
     assert "is a folder" in caplog.text and not (tmp_path / "embeddings.safetensors").exists()
 
 
-def test_an_output_that_cannot_work_is_refused_before_any_model_loads(tmp_path, tiny_models, face_pack, caplog):
+def test_an_output_that_cannot_work_is_refused_before_any_model_loads(tmp_path, tiny_models, face_pack, caplog,
+                                                                      read_only_folder):
     photo = write_photos(tmp_path / "p")[0]
 
     def error_for(out, *extra) -> str:
@@ -107,6 +108,8 @@ def test_an_output_that_cannot_work_is_refused_before_any_model_loads(tmp_path, 
     for strength in ("nan", "inf", "-1", "3"):  # NaN tokens would give black images with no error
         assert "--id-strength must be a number from 0 to 2" in error_for(tmp_path / "x.safetensors", "--id-strength", strength)
     assert not list(tmp_path.glob("*.safetensors")) and not (tmp_path / "new.safetensors").exists()
+    refused = error_for(read_only_folder(tmp_path / "mounted") / "x.safetensors")
+    assert "cannot write" in refused and "x.safetensors: Permission denied" in refused and ".tmp" not in refused
 
 
 def test_a_tilde_in_the_output_is_the_home_folder(tmp_path, tiny_models, face_pack, monkeypatch):
@@ -145,3 +148,12 @@ def test_hidden_files_in_a_photo_folder_are_not_photos(tmp_path):
     Image.fromarray(tiny_face_photo(64)).save(tmp_path / "alice.jpg")
     (tmp_path / "._alice.jpg").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
     assert collect_photos([tmp_path]) == [tmp_path / "alice.jpg"]
+
+
+def test_every_photo_format_pillow_reads_is_collected(tmp_path):
+    """Windows browsers save JPEGs as .jfif; a GIF is read by its first frame. None is passed over unnamed."""
+    from adaface_core.embed import collect_photos
+
+    for name, kind in (("a.jfif", "JPEG"), ("b.gif", "GIF"), ("c.JPE", "JPEG"), ("d.bmp", "BMP")):
+        Image.fromarray(tiny_face_photo(64)).save(tmp_path / name, format=kind)
+    assert [p.name for p in collect_photos([tmp_path])] == ["a.jfif", "b.gif", "c.JPE", "d.bmp"]

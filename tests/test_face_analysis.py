@@ -175,6 +175,14 @@ def test_file_instead_of_folder(tiny_pack):
         resolve_face_pack(tiny_pack / "glintr100.onnx")
 
 
+def test_an_upper_case_onnx_ending_is_named_for_renaming(tmp_path):
+    """A pack unzipped on Windows can read GLINTR100.ONNX; insightface's router then takes it for no model."""
+    write_tiny_face_pack(tmp_path, with_extras=False)
+    (tmp_path / "glintr100.onnx").rename(tmp_path / "GLINTR100.ONNX")
+    with pytest.raises(ConfigError, match=r"GLINTR100.ONNX: .*lower-case .onnx; rename it to GLINTR100.onnx"):
+        FaceAnalyzer.from_folder(tmp_path, provider="cpu")
+
+
 def test_provider_choice():
     gpu = ["CUDAExecutionProvider", "CPUExecutionProvider"]
     assert onnx_providers("auto", gpu) == gpu
@@ -216,6 +224,8 @@ def test_image_conversions(tmp_path):
     assert np.array_equal(to_rgb_uint8(tmp_path / "x.png"), rgb)
     with pytest.raises(BadImageError, match="does not exist"):
         to_rgb_uint8(tmp_path / "missing.png")
+    with pytest.raises(BadImageError, match="is a folder, not an image file"):
+        to_rgb_uint8(tmp_path)
     with pytest.raises(BadImageError, match="expected 0..1"):
         to_rgb_uint8(np.full((4, 4, 3), -3.0, np.float32))
     # A brightened or bicubic-upscaled ComfyUI IMAGE overshoots 0..1 a little: clipped, not read as 0..255.

@@ -270,6 +270,29 @@ def test_code_in_the_encoders_pytorch_model_bin_is_refused_and_never_run(tmp_pat
         Arc2FaceEncoder.from_folder(folder, load_clip_tokenizer(tiny_models.tokenizer))
 
 
+def test_a_cut_off_encoder_download_is_named_and_extra_entries_are_ignored(tmp_path, tiny_models, encoder):
+    """An interrupted download leaves an empty or short ``pytorch_model.bin``; torch's own words for it are an
+    empty EOFError or "Invalid argument". A training script's file can carry a step count beside the tensors."""
+    import shutil
+
+    folder = shutil.copytree(tiny_models.encoder, tmp_path / "encoder")
+    weights = folder / "pytorch_model.bin"
+    state = torch.load(weights, weights_only=True)
+    data = weights.read_bytes()
+    tokenizer = load_clip_tokenizer(tiny_models.tokenizer)
+    weights.write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"pytorch_model.bin is empty \(0 bytes\).*Download it again"):
+        Arc2FaceEncoder.from_folder(folder, tokenizer)
+    for size in (10_000, len(data) // 2):
+        weights.write_bytes(data[:size])
+        with pytest.raises(CheckpointError, match=r"pytorch_model.bin: truncated or corrupt \(.+\): download it again"):
+            Arc2FaceEncoder.from_folder(folder, tokenizer)
+    torch.save({key.removeprefix("text_model."): value for key, value in state.items()} | {"epoch": 3}, weights)
+    loaded = Arc2FaceEncoder.from_folder(folder, tokenizer)
+    for (name, mine), (_, theirs) in zip(loaded.state_dict().items(), encoder.state_dict().items()):
+        assert torch.equal(mine, theirs), name
+
+
 def test_a_corrupt_encoder_config_names_the_file(tmp_path, tiny_models):
     import shutil
 

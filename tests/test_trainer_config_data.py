@@ -129,13 +129,15 @@ def _write(path: Path, mask: bool = False):
         Image.fromarray(m).save(path.with_name(path.stem + "_mask.png"))
 
 
-def test_faceless_images_are_listed_and_skipped_and_ids_are_cached(tmp_path):
+def test_faceless_images_are_listed_and_skipped_and_ids_are_cached(tmp_path, caplog):
     root = tmp_path / "faces"
     _write(root / "a" / "one.jpg", mask=True)
     _write(root / "b" / "two.png")
     _write(root / "noface.webp")
+    (root / "b" / "IMG_0001.HEIC").write_bytes(b"an iPhone photo")  # Pillow cannot read it: named, not lost
     images = scan_images(root)
     assert [p.name for p in images] == ["one.jpg", "two.png", "noface.webp"]  # masks are not images
+    assert f"not read from {root}: {Path('b', 'IMG_0001.HEIC')} (HEIC and AVIF" in caplog.text
     cache, skipped = tmp_path / "ids.safetensors", tmp_path / "out" / "no_face.txt"
     FakeAnalyzer.calls = 0
     kept, vectors = compute_face_ids(root, images, cache, FakeAnalyzer, skipped)

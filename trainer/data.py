@@ -30,11 +30,10 @@ from safetensors import safe_open
 
 from adaface_core.checkpoint import atomic_save_safetensors
 from adaface_core.errors import ConfigError, ModelFileMissingError
-from adaface_core.image_io import to_rgb_uint8
+from adaface_core.image_io import PHOTO_SUFFIXES, to_rgb_uint8, warn_unread_photos
 
 logger = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 MASK_STEM_SUFFIX = "_mask"
 MASK_SUFFIX = MASK_STEM_SUFFIX + ".png"
 CLASS_FILE = "class.txt"
@@ -52,12 +51,14 @@ def scan_images(root: Path) -> list[Path]:
     root = Path(root)
     if not root.is_dir():
         raise ModelFileMissingError(f"training image folder not found: {root}")
+    files = _files_under(root)
+    warn_unread_photos(root, files)
     images = sorted(
-        (p for p in _files_under(root) if p.suffix.lower() in IMAGE_SUFFIXES and not is_mask_file(p)),
+        (p for p in files if p.suffix.lower() in PHOTO_SUFFIXES and not is_mask_file(p)),
         key=lambda p: p.relative_to(root).parts,  # as POSIX paths compare: Windows ones ignore case, giving other draws
     )
     if not images:
-        raise ConfigError(f"no training images (jpg/png/webp) under {root}")
+        raise ConfigError(f"no training images ({', '.join(PHOTO_SUFFIXES)}) under {root}")
     return images
 
 
@@ -141,7 +142,7 @@ def find_mask_files(images: Sequence[Path]) -> dict[int, Path]:
                                "rename the photos so each mask has one", candidate, " and ".join(p.name for p in sharing))
             continue
         if candidate is None:
-            for suffix in IMAGE_SUFFIXES:
+            for suffix in PHOTO_SUFFIXES:
                 other = names.get(image.parent, image.stem + MASK_STEM_SUFFIX + suffix)
                 if other is not None:
                     logger.warning("mask file %s is not a PNG (lossy compression turns background into face): "
