@@ -105,10 +105,19 @@ class IdentityResult:
     """The face used from each photo that had one, in input order."""
     skipped_names: list[str] = field(default_factory=list)
     """Photos in which no face was found."""
+    notes: list[str] = field(default_factory=list)
+    """What may be wrong with the average, in words (also logged): photos left out and why, small faces, a
+    face unlike the others, a close call in a group photo."""
 
     @property
     def used_names(self) -> list[str]:
         return [face.name for face in self.faces]
+
+    def report(self) -> str:
+        """The photos used and every note, one per line: what a host shows the user beside the result."""
+        total = len(self.faces) + len(self.skipped_names)
+        used = f"{len(self.faces)} of {total} photos used ({_listed(self.used_names)})"
+        return "\n".join([used + ("" if self.notes else "; nothing to check"), *self.notes])
 
 
 def average_identity(vectors: Sequence[np.ndarray]) -> np.ndarray:
@@ -130,30 +139,38 @@ def _listed(names: Sequence[str], shown: int = 5) -> str:
     return ", ".join(names) if len(names) <= shown else f"{', '.join(names[:shown])} and {len(names) - shown} more"
 
 
-def _warn_about_strangers(faces: Sequence[DetectedFace]) -> None:
-    """Logs the photos that may put someone else into one person's average: a face unlike the mean of
-    the others (a wrong photo, a video whose largest face changes hands) and a largest face with a close
+def _stranger_notes(faces: Sequence[DetectedFace]) -> list[str]:
+    """The photos that may put someone else into one person's average: a face unlike the mean of the
+    others (a wrong photo, a video whose largest face changes hands) and a largest face with a close
     second (a group photo)."""
+    notes = []
     close_calls = [face.name for face in faces if face.next_largest_area >= CLOSE_SECOND_FACE * face.area > 0]
     if close_calls:
-        logger.warning("%s %s faces of about the same size; the largest was used",
-                       _listed(close_calls), "has several" if len(close_calls) == 1 else "have several")
+        notes.append(f"{_listed(close_calls)} {'has' if len(close_calls) == 1 else 'have'} several faces of about the "
+                     "same size; the largest was used")
     if len(faces) < 2:
-        return
+        return notes
     vectors = np.stack([face.normed_embedding for face in faces])
     total = vectors.sum(axis=0)
     others = total[None, :] - vectors
     likeness = np.einsum("nd,nd->n", vectors, others) / np.maximum(np.linalg.norm(others, axis=1), 1e-12)
     usual = f"one person's photos are usually above {SAME_PERSON_COSINE:.1f}"
     if len(faces) == 2 and likeness[0] < SAME_PERSON_COSINE:
-        logger.warning("the faces in %s and %s do not look like one person (cosine similarity %.2f; %s): both are "
-                       "averaged into one subject, so check the photos", faces[0].name, faces[1].name, likeness[0], usual)
+        notes.append(f"the faces in {faces[0].name} and {faces[1].name} do not look like one person (cosine similarity "
+                     f"{likeness[0]:.2f}; {usual}): both are averaged into one subject, so check the photos")
     elif len(faces) > 2:
         strangers = [f"{face.name} ({value:.2f})" for face, value in zip(faces, likeness) if value < SAME_PERSON_COSINE]
         if strangers:
-            logger.warning("the face in %s does not look like the others' (cosine similarity to their mean in "
-                           "brackets; %s): every photo is averaged into one subject, so check the photos",
-                           _listed(strangers), usual)
+            notes.append(f"the face in {_listed(strangers)} does not look like the others' (cosine similarity to their "
+                         f"mean in brackets; {usual}): every photo is averaged into one subject, so check the photos")
+    return notes
+
+
+def _small_face_note(face: DetectedFace) -> Optional[str]:
+    if face.min_side >= SMALL_FACE_SIDE:
+        return None
+    return (f"the face in {face.name} is only {face.min_side:.0f} pixels across; its identity may be off "
+            f"({SMALL_FACE_SIDE} or more are better)")
 
 
 def _usable(face: DetectedFace) -> DetectedFace:
@@ -163,9 +180,9 @@ def _usable(face: DetectedFace) -> DetectedFace:
         reason = (f"the face in {face.name} is only {side:.0f} pixels across, too small to identify anyone "
                   f"(at least {MIN_FACE_SIDE} are needed, {SMALL_FACE_SIDE} or more are better)")
         raise NoFaceError(f"{reason}; use a larger photo or a closer crop", reason)
-    if side < SMALL_FACE_SIDE:
-        logger.warning("the face in %s is only %.0f pixels across; its identity may be off (%d or more are better)",
-                       face.name, side, SMALL_FACE_SIDE)
+    note = _small_face_note(face)
+    if note:
+        logger.warning("%s", note)
     return face
 
 
@@ -332,13 +349,18 @@ class FaceAnalyzer:
             if len(items) == 1:
                 raise reasons[0]
             raise NoFaceError(f"no usable face in any of the {len(items)} photos ({', '.join(skipped)}); {NO_FACE_ADVICE}")
-        if skipped:
-            logger.warning("%s, so %s left out; the subject comes from %s", "; ".join(e.reason for e in reasons[:5])
-                           + (f" (and {len(reasons) - 5} more)" if len(reasons) > 5 else ""),
-                           "it was" if len(skipped) == 1 else "they were", _listed([face.name for face in faces]))
-        _warn_about_strangers(faces)
+        left_out = [
+            "; ".join(e.reason for e in reasons[:5]) + (f" (and {len(reasons) - 5} more)" if len(reasons) > 5 else "")
+            + f", so {'it was' if len(skipped) == 1 else 'they were'} left out; the subject comes from "
+            + _listed([face.name for face in faces])
+        ] if skipped else []
+        strangers = _stranger_notes(faces)
+        for note in left_out + strangers:
+            logger.warning("%s", note)
+        small = [note for note in map(_small_face_note, faces) if note]  # analyze() has logged these
         return IdentityResult(
             embedding=average_identity([face.normed_embedding for face in faces]),
             faces=faces,
             skipped_names=skipped,
+            notes=left_out + small + strangers,
         )

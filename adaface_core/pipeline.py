@@ -136,6 +136,8 @@ class SubjectEncoder:
         key = image_digest(images) + "|" + "|".join(names)  # the names are part of what is returned
         if key in self._cache:
             self._cache.move_to_end(key)
+            for note in self._cache[key][1].notes:  # the same photos warn each time, not only the first
+                logger.warning("%s", note)
             return self._cache[key]
         if on_miss is not None:
             on_miss()

@@ -21,6 +21,8 @@ from .checkpoint import atomic_save_safetensors
 from .errors import CheckpointError, ConfigError
 
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+MAX_NAME_LENGTH = 200
+"""With its .safetensors ending and a temporary file's prefix and suffix, still under 255 bytes."""
 WINDOWS_DEVICE_NAMES = frozenset({"CON", "PRN", "AUX", "NUL", *(f"{port}{n}" for port in ("COM", "LPT") for n in range(1, 10))})
 """Names Windows keeps for devices, whatever follows the first dot: ``nul.safetensors`` is no file there."""
 
@@ -42,6 +44,9 @@ def embedding_file_name(name: str) -> str:
             f"embedding name {name!r} may only use letters, digits, '_', '-' and '.', "
             "so that 'embedding:NAME' works in a prompt"
         )
+    if len(stem) > MAX_NAME_LENGTH:
+        raise ConfigError(f"embedding name {stem[:24]!r}... is {len(stem)} characters long; {MAX_NAME_LENGTH} at most "
+                          "(file systems take names of up to 255 bytes)")
     if stem.split(".", 1)[0].upper() in WINDOWS_DEVICE_NAMES:
         raise ConfigError(f"embedding name {name!r} is a device name on Windows (CON, NUL, COM1 ...); choose another")
     return stem + ".safetensors"
@@ -91,6 +96,15 @@ def save_textual_inversion(
                           "would give black images, so it was not written")
     meta = {"adaface": json.dumps({"num_vectors": vectors.shape[0]})} | (metadata or {})
     return atomic_save_safetensors({"clip_l": vectors, "emb_params": vectors.clone()}, path, meta)
+
+
+def holds_tokens(path: Union[str, Path], tokens: torch.Tensor) -> bool:
+    """Whether the embedding file at ``path`` already holds exactly ``tokens`` (as ``save_textual_inversion``
+    writes them): saving the same subject again is then no change, not a name clash."""
+    try:
+        return torch.equal(load_textual_inversion(path), tokens.detach().float().cpu())
+    except CheckpointError:
+        return False
 
 
 def load_textual_inversion(path: Union[str, Path]) -> torch.Tensor:

@@ -32,11 +32,13 @@ class AdaFaceFaceEmbed:
         "into one subject; photos without a face are skipped with a warning. The same photos are only analysed once."
     )
     CATEGORY = CATEGORY
-    RETURN_TYPES = (ADAFACE_SUBJECT, "IMAGE")
-    RETURN_NAMES = ("subject", "face_crops")
+    RETURN_TYPES = (ADAFACE_SUBJECT, "IMAGE", "STRING")
+    RETURN_NAMES = ("subject", "face_crops", "report")
     OUTPUT_TOOLTIPS = (
         "The person as subject tokens: connect to Inject Subject Tokens into CLIP conditioning, Save or Mix.",
         "The aligned face crop used from each photo (112x112), to check which face was picked.",
+        "Which photos were used, and what to check: photos left out and why, small faces, a face unlike the "
+        "others, a group photo's close call (link it to Preview Any to read it).",
     )
     FUNCTION = "embed"
     # A list of photos (RebatchImages, a load-images-from-folder node) is one person, not one run per photo;
@@ -52,13 +54,12 @@ class AdaFaceFaceEmbed:
             }
         }
 
-    def embed(self, adaface: list[AdaFaceBundle], image: list[torch.Tensor]) -> tuple[SubjectEmbedding, torch.Tensor]:
+    def embed(self, adaface: list[AdaFaceBundle], image: list[torch.Tensor]) -> tuple[SubjectEmbedding, torch.Tensor, str]:
         """``INPUT_IS_LIST``: every input is a list; one Load AdaFace gives a list of one."""
         photos, names = images_to_photos(image)
         # The server's progress hook stops the batch between photos when the artist presses Cancel.
         progress = comfy.utils.ProgressBar(len(photos))
-        # Skipped photos, a face unlike the others and a close call in a group photo are logged by the core.
         subject, identity = adaface[0].encode_photos(
             photos, names, on_photo=lambda done, total: progress.update_absolute(done, total)
         )
-        return subject, crops_to_image([face.aligned for face in identity.faces])
+        return subject, crops_to_image([face.aligned for face in identity.faces]), identity.report()

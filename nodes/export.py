@@ -5,7 +5,10 @@ from __future__ import annotations
 import logging
 
 from ..adaface_core.subject import SubjectEmbedding
-from ..adaface_core.textual_inversion import embedding_file_name, embedding_metadata, files_for_word, save_textual_inversion
+from ..adaface_core.errors import AdaFaceError
+from ..adaface_core.textual_inversion import (
+    embedding_file_name, embedding_metadata, files_for_word, holds_tokens, save_textual_inversion,
+)
 from . import folders
 from .errors import EmbeddingExistsError
 from .types import ADAFACE_SUBJECT, CATEGORY
@@ -36,6 +39,17 @@ class AdaFaceSaveEmbedding:
             }
         }
 
+    @classmethod
+    def IS_CHANGED(cls, subject: object, name: str | None, id_strength: object, overwrite: object) -> str:
+        """Saves again when the file was deleted or replaced since: ComfyUI would otherwise reuse the last run
+        and write nothing. A name linked from another node (None here) is a new input when it changes anyway."""
+        if not isinstance(name, str):
+            return "linked"
+        try:
+            return folders.file_state(folders.embeddings_folders()[0] / embedding_file_name(name.strip()))
+        except AdaFaceError:
+            return name  # the run itself says what is wrong with it
+
     def save(self, subject: SubjectEmbedding, name: str, id_strength: float, overwrite: bool) -> tuple[str]:
         roots = folders.embeddings_folders()
         path = roots[0] / embedding_file_name(name.strip())
@@ -44,9 +58,13 @@ class AdaFaceSaveEmbedding:
         if others:
             raise EmbeddingExistsError(f"{word} already names {', '.join(map(str, others))} (ComfyUI would load one or "
                                        "the other by chance): choose another name")
+        tokens = subject.scaled_tokens(id_strength)
+        if path.exists() and holds_tokens(path, tokens):  # the same subject queued again: nothing to change
+            logger.info("%s already holds this subject; use it in a prompt as %s", path, word)
+            return (word,)
         if path.exists() and not overwrite:
             raise EmbeddingExistsError(f"{path} already exists: choose another name, or switch on overwrite to replace it")
-        save_textual_inversion(subject.scaled_tokens(id_strength), path, embedding_metadata(subject.sources, id_strength))
+        save_textual_inversion(tokens, path, embedding_metadata(subject.sources, id_strength))
         logger.info("saved the subject as %s; use it in a prompt as %s", path, word)
         return (word,)
 

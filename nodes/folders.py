@@ -147,10 +147,17 @@ def model_files_state(inverter: str | None, arc2face: str | None, face_models: s
             continue
         files = [found] if found.is_file() else sorted(f for sub in folders_within if (found / sub).is_dir()
                                                       for f in (found / sub).iterdir() if f.is_file())
-        for file in files:
-            stat = file.stat()
-            parts.append(f"{file}:{stat.st_size}:{stat.st_mtime_ns}")
+        parts += map(file_state, files)
     return "|".join(parts)
+
+
+def file_state(path: Path) -> str:
+    """A file's name, size and modification time, or that it is absent: what ``IS_CHANGED`` compares."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return f"{path}:absent"
+    return f"{path}:{stat.st_size}:{stat.st_mtime_ns}"
 
 
 def embeddings_folders() -> list[Path]:

@@ -79,6 +79,8 @@ def test_tiny_identity_skips_the_photo_without_a_face(tiny_analyzer):
     black = np.zeros((300, 300, 3), np.uint8)
     result = tiny_analyzer.identity([bright_square(), black, bright_square(400)], names=["a", "b", "c"])
     assert result.skipped_names == ["b"] and result.used_names == ["a", "c"]
+    assert result.report().splitlines()[:2] == [
+        "2 of 3 photos used (a, c)", "no face found in b, so it was left out; the subject comes from a, c"]
     assert abs(np.linalg.norm(result.embedding) - 1.0) < 1e-5
     with pytest.raises(NoFaceError, match=r"any of the 2 photos \(image 0, image 1\)"):
         tiny_analyzer.identity(np.stack([black, black]))  # a batch, as a ComfyUI IMAGE is
@@ -352,11 +354,12 @@ def test_a_stranger_among_one_persons_photos_is_named(analyzer, faces, caplog):
     salley = sorted((faces / "labeled" / "John_Salley").glob("*.jpg"))[:3]
     savage = sorted((faces / "labeled" / "John_Savage").glob("*.jpg"))[0]
     with caplog.at_level(logging.WARNING, logger="adaface_core.face_analysis"):
-        analyzer.identity(salley)
+        assert analyzer.identity(salley).report() == f"3 of 3 photos used ({', '.join(p.name for p in salley)}); nothing to check"
         assert _warnings(caplog) == []
-        analyzer.identity([*salley, savage])
+        result = analyzer.identity([*salley, savage])
         (stranger,) = _warnings(caplog)
         assert f"the face in {savage.name} (" in stranger and not any(p.name in stranger for p in salley)
+        assert result.notes == [stranger] and result.report().splitlines()[1:] == [stranger]  # what the node shows
         caplog.clear()
         analyzer.identity([salley[0], savage])
         (pair,) = _warnings(caplog)

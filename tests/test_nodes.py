@@ -202,7 +202,7 @@ def test_registration_keeps_extra_model_paths_entries(tiny_models, tmp_path):
 
 
 def test_face_embed_gives_a_subject_and_the_aligned_rgb_crop(env, adaface):
-    subject, crops = env.node("AdaFaceFaceEmbed").embed([adaface], [photo()])
+    subject, crops, _ = env.node("AdaFaceFaceEmbed").embed([adaface], [photo()])
     assert subject.tokens.shape == (16, 64) and torch.isfinite(subject.tokens).all()
     assert subject.sources == ("image 1",)
     assert crops.shape == (1, 112, 112, 3) and crops.dtype == torch.float32
@@ -227,12 +227,16 @@ def test_same_photos_are_analysed_once(env, adaface, monkeypatch):
     assert len(calls) == 2
 
 
-def test_photo_without_face_is_skipped_with_a_warning(env, adaface, caplog):
+def test_photo_without_face_is_skipped_with_a_warning_the_artist_can_read(env, adaface, caplog):
+    """The console is not where an artist looks: the report output says it too, on every run of the same photos."""
     batch = torch.cat([photo(), torch.zeros(1, 320, 320, 3)])
-    with caplog.at_level(logging.WARNING):
-        subject, crops = env.node("AdaFaceFaceEmbed").embed([adaface], [batch])
-    assert subject.sources == ("image 1",) and crops.shape[0] == 1
-    assert any("image 2" in record.getMessage() for record in caplog.records)
+    for _ in range(2):  # the second run is a cache hit
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            subject, crops, report = env.node("AdaFaceFaceEmbed").embed([adaface], [batch])
+        assert subject.sources == ("image 1",) and crops.shape[0] == 1
+        skipped = [r.getMessage() for r in caplog.records if "image 2" in r.getMessage()]
+        assert len(skipped) == 1 and report.splitlines()[:2] == ["1 of 2 photos used (image 1)", skipped[0]]
 
 
 def test_a_list_of_photos_of_different_sizes_is_one_subject(env, adaface):
@@ -240,7 +244,7 @@ def test_a_list_of_photos_of_different_sizes_is_one_subject(env, adaface):
     are averaged into one subject, each at its own size, as a batch of the same photos would be."""
     assert env.pack.NODE_CLASS_MAPPINGS["AdaFaceFaceEmbed"].INPUT_IS_LIST
     small, large = photo(corner=60, size=320), photo(corner=120, size=400)
-    subject, crops = env.node("AdaFaceFaceEmbed").embed([adaface], [small, large])
+    subject, crops, _ = env.node("AdaFaceFaceEmbed").embed([adaface], [small, large])
     assert subject.sources == ("image 1", "image 2") and crops.shape[0] == 2
     faces = adaface.subjects.faces
     expected = faces.identity([(p[0].numpy() * 255).round().astype(np.uint8) for p in (small, large)]).embedding
@@ -375,6 +379,26 @@ def test_saved_embedding_loads_back_and_is_not_overwritten_by_accident(env, subj
     torch.testing.assert_close(load(path), subject.tokens)
     node.save(subject, "alice", 0.5, True)
     torch.testing.assert_close(load(path), subject.scaled_tokens(0.5))
+
+
+def test_a_saved_embedding_queued_again_is_kept_and_written_again_once_deleted(env, subject):
+    """ComfyUI reruns the node when IS_CHANGED changes: a deleted file must make it save again, and the rerun
+    its own save causes must neither fail (overwrite off) nor rewrite the file (which would rerun it forever)."""
+    Save = env.pack.NODE_CLASS_MAPPINGS["AdaFaceSaveEmbedding"]
+    node, path = env.node("AdaFaceSaveEmbedding"), env.models / "embeddings" / "dora.safetensors"
+    before = Save.IS_CHANGED(None, "dora", 1.0, False)  # the subject is linked: None before the run
+    assert node.save(subject, "dora", 1.0, False) == ("embedding:dora",)
+    saved = Save.IS_CHANGED(None, "dora", 1.0, False)
+    assert saved != before
+    assert node.save(subject, "dora", 1.0, False) == ("embedding:dora",)  # the rerun: same subject, no clash
+    assert Save.IS_CHANGED(None, "dora", 1.0, False) == saved  # not rewritten, so the next queue is cached
+    path.unlink()
+    assert Save.IS_CHANGED(None, "dora", 1.0, False) != saved
+    node.save(subject, "dora", 1.0, False)
+    torch.testing.assert_close(env.core("textual_inversion", "load_textual_inversion")(path), subject.tokens)
+    with pytest.raises(env.core("errors", "ConfigError"), match="is 300 characters long; 200 at most"):
+        node.save(subject, "a" * 300, 1.0, False)
+    assert Save.IS_CHANGED(None, "a" * 300, 1.0, False) == "a" * 300
 
 
 def test_a_name_embedding_NAME_would_share_with_another_file_is_refused(env, subject):

@@ -31,7 +31,7 @@ INPUTS = {
 }
 OUTPUTS = {
     "AdaFaceLoader": (("ADAFACE",), ("adaface",)),
-    "AdaFaceFaceEmbed": (("ADAFACE_SUBJECT", "IMAGE"), ("subject", "face_crops")),
+    "AdaFaceFaceEmbed": (("ADAFACE_SUBJECT", "IMAGE", "STRING"), ("subject", "face_crops", "report")),
     "AdaFaceInjectSubject": (("CONDITIONING",), ("conditioning",)),
     "AdaFaceTeacherSampler": (("LATENT",), ("latent",)),
     "AdaFaceSaveEmbedding": (("STRING",), ("prompt_word",)),

@@ -47,6 +47,8 @@ class ForeignNode:
 
 CORE = "ComfyUI"
 ADE = "ComfyUI-AnimateDiff-Evolved"
+ANY = "*"
+"""How the frontend saves the type of an input that takes any type (the link keeps the type it carries)."""
 VHS = "ComfyUI-VideoHelperSuite"
 
 # The seed widget's companion that the frontend adds and saves right after it.
@@ -123,6 +125,7 @@ FOREIGN_NODES: dict[str, ForeignNode] = {
     ),
     "SaveImage": ForeignNode(CORE, inputs={"images": "IMAGE"}, required=("images",), widgets=(Widget("filename_prefix", "STRING"),)),
     "PreviewImage": ForeignNode(CORE, inputs={"images": "IMAGE"}, required=("images",)),
+    "PreviewAny": ForeignNode(CORE, inputs={"source": ANY}, required=("source",)),  # shows text; no saved widget
     "ADE_LoadAnimateDiffModel": ForeignNode(
         ADE, inputs={"ad_settings": "AD_SETTINGS"}, outputs=(("MOTION_MODEL", "MOTION_MODEL_ADE"),),
         widgets=(Widget("model_name", "FILE"),),
