@@ -158,6 +158,9 @@ def read_metadata(path: Union[str, Path]) -> dict[str, str]:
         raise ModelFileMissingError(f"{path} is a folder: give the AdaFace inverter .safetensors file in it")
     if not path.is_file():
         raise ModelFileMissingError(f"AdaFace checkpoint not found: {path}")
+    if path.suffix in (".pt", ".ckpt", ".bin", ".pth") and (path.parent / "inverter.safetensors").is_file():
+        raise CheckpointError(f"{path.name} is not an inverter: give the inverter.safetensors beside it "
+                              f"({path.parent / 'inverter.safetensors'})")  # a trainer checkpoint's other files
     if path.suffix in (".pt", ".ckpt", ".bin", ".pth"):
         raise CheckpointError(
             f"{path.name} is a pickled checkpoint (the official release format). Convert it once with "

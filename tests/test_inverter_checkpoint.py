@@ -138,6 +138,11 @@ def test_pickled_checkpoint_points_to_the_converter(tmp_path):
     path.write_bytes(b"\x80\x02}q\x00.")
     with pytest.raises(CheckpointError, match="python -m adaface_core.convert official.pt official.safetensors"):
         load_inverter(path)
+    # A trainer checkpoint folder (step_N/) holds its state as a pickle beside the inverter: no conversion needed.
+    (tmp_path / "inverter.safetensors").write_bytes(b"")
+    (tmp_path / "trainer_state.pt").write_bytes(b"\x80\x02}q\x00.")
+    with pytest.raises(CheckpointError, match=r"trainer_state.pt is not an inverter: give the inverter.safetensors beside it"):
+        load_inverter(tmp_path / "trainer_state.pt")
 
 
 def test_textual_inversion_file_has_both_keys_and_loads_in_diffusers(tmp_path, tiny_models):

@@ -82,6 +82,31 @@ def test_config_errors_are_named():
         config_from_dict({"data": {"image_size": 0}}).validate(check_paths=False)
     with pytest.raises(ConfigError, match="run.distributed_timeout_minutes must be >= 1, got 0"):
         config_from_dict({"run": {"distributed_timeout_minutes": 0}}).validate(check_paths=False)
+    # Values the optimizer or the schedules would refuse, or take silently, only once the models are loaded.
+    for section, message in [
+        ({"face": {"optim": {"betas": [0.9, 1.5]}}}, r"face.optim: betas must be in \[0, 1\), d_coef > 0"),
+        ({"face": {"optim": {"d_coef": -2}}}, r"face.optim: betas .* got \[0.9, 0.999\], -2.0 and 0.0"),
+        ({"face": {"optim": {"weight_decay": -1}}}, "weight_decay >= 0"),
+        ({"face": {"loss": {"cfg_scale": [3, 1]}}}, r"face.loss.cfg_scale must be a range \[low, high\]"),
+        ({"face": {"expansion": {"forced_steps": [5, 2]}}}, r"forced_steps must be steps in increasing order .*\[5, 2\]"),
+        ({"face": {"expansion": {"ema_beta": 1.5}}}, r"face.expansion: ema_beta must be in \[0, 1\)"),
+        ({"data": {"id_noise_std": -1}}, "data.id_noise_std must be >= 0"),
+        ({"run": {"output": None}}, "run.output must name the folder to train into"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            config_from_dict(section).validate(check_paths=False)
+    config_from_dict({"face": {"expansion": {"forced_steps": [0, 7]}}}).validate(check_paths=False)  # 0 = by plateau
+
+
+def test_a_config_file_in_another_encoding_or_a_file_as_data_root_is_named(tmp_path):
+    """Windows Notepad's "Unicode" is UTF-16; a photo given as data.root would only fail after the models load."""
+    config = tmp_path / "u16.yaml"
+    config.write_bytes("face:\n  max_steps: 3\n".encode("utf-16"))
+    with pytest.raises(ConfigError, match=r"u16.yaml is not UTF-8 text .*: save it as UTF-8"):
+        load_config(config)
+    (tmp_path / "photo.jpg").write_bytes(b"")
+    with pytest.raises(ConfigError, match=r"data.root .*photo.jpg is a file: give the folder of training photos"):
+        config_from_dict({"data": {"root": str(tmp_path / "photo.jpg")}}).check_paths()
 
 
 def test_settings_no_stage_reads_are_refused_not_dropped():

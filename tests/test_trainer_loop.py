@@ -14,7 +14,7 @@ from accelerate import Accelerator
 
 from adaface_core.checkpoint import load_inverter
 from adaface_core.clip_text import tile_rows
-from adaface_core.errors import ConfigError
+from adaface_core.errors import CheckpointError, ConfigError
 from trainer import checkpointing
 from trainer.config import OptimConfig, config_from_dict
 from trainer.loop import (SimulatedCrash, Trainer, build_lr_scheduler, build_optimizer, heldout_loss, lr_factor,
@@ -297,6 +297,19 @@ def test_crash_midway_then_resume_loses_only_unsaved_steps(models_root, tmp_path
     assert logged_lrs(tmp_path / "ref") == pytest.approx(expected, rel=1e-4)
     assert logged_lrs(tmp_path / "crash") == logged_lrs(tmp_path / "ref")
     assert [n for n, _ in checkpointing.list_checkpoints(ckpts)] == [6, 9, 12]  # keep_last = 3
+    # Each row's multipliers are the ones its loss was computed with: the expansions follow steps 4 and 8.
+    rows = (tmp_path / "ref" / "face" / "losses.csv").read_text().splitlines()[1:]
+    multipliers = {int(r.split(",")[0]): r.split(",")[3] for r in rows}
+    assert [multipliers[n] for n in (4, 5, 8, 9)] == ["1 1 1", "2 1 1", "2 1 1", "2 2 1"]
+
+    # A resume whose checkpoint is past the steps now asked for would stop at once and call that step final.
+    with pytest.raises(ConfigError, match=r"step_0000012 is at step 12, past the face stage's max_steps 9"):
+        run_cli(config, "--resume", str(tmp_path / "crash"), "--max-steps", "9")
+    # A damaged file of the checkpoint is named, not a bare "Invalid argument".
+    rng = ckpts / "step_0000012" / "rng_rank0.pt"
+    rng.write_bytes(rng.read_bytes()[: rng.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match=r"cannot read the RNG state .*rng_rank0.pt: .*resume from another"):
+        run_cli(config, "--resume", str(ckpts / "step_0000012"), "--max-steps", "13")
 
 
 def test_trainer_state_loads_with_weights_only(models_root, tmp_path):

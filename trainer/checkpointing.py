@@ -232,18 +232,25 @@ def _fsync_tree(folder: Path) -> None:
     fsync_dir(folder)
 
 
+def _read_plain(path: Path, what: str) -> Any:
+    """A ``torch.save`` file of plain values; a damaged one is a ``CheckpointError`` naming it (torch's own
+    words for a cut-off file are an empty EOFError or "Invalid argument")."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"cannot read the {what} {path}: {exc or type(exc).__name__}; resume from another "
+                              "checkpoint (--resume its step_N folder)") from exc
+
+
 def load_checkpoint(step_dir: Path, process_index: int = 0) -> LoadedState:
     """Reads a checkpoint written by ``save_checkpoint`` (tensors and plain values only)."""
     step_dir = Path(step_dir)
     inverter = load_inverter(step_dir / INVERTER_FILE).train()
-    try:
-        state = torch.load(step_dir / STATE_FILE, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(f"cannot read the trainer state in {step_dir}: {exc}") from exc
-    if state.get("format") != STATE_FORMAT:
+    state = _read_plain(step_dir / STATE_FILE, "trainer state")
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise CheckpointError(f"{step_dir / STATE_FILE} is not an AdaFace trainer state")
     rng_file = step_dir / f"rng_rank{process_index}.pt"
-    rng = torch.load(rng_file, map_location="cpu", weights_only=True) if rng_file.is_file() else None
+    rng = _read_plain(rng_file, "RNG state") if rng_file.is_file() else None
     if rng is None:
         logger.warning("%s has no RNG state for process %d: the data order will differ from an uninterrupted run",
                        step_dir, process_index)

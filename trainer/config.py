@@ -198,6 +198,9 @@ class TrainConfig:
                 problems.append(f"{name}.optim.lr must be > 0, got {o.lr}")
             if o.batch_size < 1 or o.grad_accum < 1 or stage.max_steps < 0:
                 problems.append(f"{name}: batch_size and grad_accum must be >= 1 and max_steps >= 0")
+            if not all(0.0 <= beta < 1.0 for beta in o.betas) or not o.d_coef > 0 or o.weight_decay < 0:
+                problems.append(f"{name}.optim: betas must be in [0, 1), d_coef > 0 and weight_decay >= 0, got "
+                                f"{list(o.betas)}, {o.d_coef} and {o.weight_decay}")
             loss = stage.loss
             if loss.chain_steps < 1:
                 problems.append(f"{name}.loss.chain_steps must be >= 1")
@@ -207,16 +210,30 @@ class TrainConfig:
                 problems.append(f"{name}.loss.next_t_ratio must be a range inside (0, 1), got {loss.next_t_ratio}")
             if not 0.0 <= loss.cfg_prob <= 1.0:
                 problems.append(f"{name}.loss.cfg_prob must be in [0, 1]")
+            if not 0.0 < loss.cfg_scale[0] <= loss.cfg_scale[1]:
+                problems.append(f"{name}.loss.cfg_scale must be a range [low, high] with 0 < low <= high, got {loss.cfg_scale}")
             if not loss.student_templates or not all(map(has_one_subject_slot, loss.student_templates)):
                 problems.append(f"{name}.loss.student_templates must be a non-empty list of prompts, "
                                 "each with '{subject}' once")
-            for factors in stage.expansion.factors:
+            expansion = stage.expansion
+            for factors in expansion.factors:
                 if not factors or any(int(f) < 1 for f in factors):
                     problems.append(f"{name}.expansion.factors entries must be non-empty lists of ints >= 1")
+            forced = [step for step in expansion.forced_steps if step]  # 0 = by plateau only
+            if any(step < 0 for step in expansion.forced_steps) or forced != sorted(set(forced)):
+                problems.append(f"{name}.expansion.forced_steps must be steps in increasing order (0 = by plateau "
+                                f"only), got {expansion.forced_steps}")
+            if not 0.0 <= expansion.ema_beta < 1.0 or min(expansion.patience, expansion.warmup_steps,
+                                                          expansion.min_steps_between) < 0 \
+                    or expansion.min_rel_improvement < 0 or expansion.perturb_std < 0:
+                problems.append(f"{name}.expansion: ema_beta must be in [0, 1); patience, warmup_steps, "
+                                "min_steps_between, min_rel_improvement and perturb_std >= 0")
         if not 0.0 <= self.data.random_id_prob <= 1.0:
             problems.append("data.random_id_prob must be in [0, 1]")
-        if self.data.photo_cache_gb < 0:
-            problems.append("data.photo_cache_gb must be >= 0")
+        problems += [f"data.{name} must be >= 0, got {value}" for name, value in
+                     (("photo_cache_gb", self.data.photo_cache_gb), ("id_noise_std", self.data.id_noise_std)) if value < 0]
+        if not self.run.output.strip():
+            problems.append("run.output must name the folder to train into (empty, it would be the working directory)")
         if self.data.image_size < 8 or self.data.image_size % 8:
             problems.append(f"data.image_size must be a positive multiple of 8 (the VAE's downsampling), "
                             f"got {self.data.image_size}")
@@ -274,6 +291,8 @@ class TrainConfig:
     def check_paths(self) -> None:
         """One error naming every missing path (a single-file sd15 also needs models.tokenizer)."""
         missing = [f"{what}: {path}" for what, path in self.required_paths() if not path.exists()]
+        if self.data.root and Path(self.data.root).is_file():
+            raise ConfigError(f"data.root {self.data.root} is a file: give the folder of training photos")
         if missing:
             raise ModelFileMissingError(
                 f"{len(missing)} path(s) named by the training configuration do not exist:\n  " + "\n  ".join(missing)
@@ -384,6 +403,8 @@ def load_config(path: Union[str, Path], base: Optional[TrainConfig] = None) -> T
         values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+    except UnicodeDecodeError as exc:  # Windows Notepad's "Unicode" is UTF-16
+        raise ConfigError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}): save it as UTF-8") from exc
     if base is not None and isinstance(values, dict):
         values = _laid_over(config_to_dict(base), values)
     return config_from_dict(values)

@@ -186,6 +186,9 @@ class Trainer:
             models.inverter = loaded.inverter.float().to(models.device)
             models.inverter.freeze_embeddings()
             self.step = int(loaded.state["step"])
+            if self.step > stage_config.max_steps:  # it would stop at once, and its final inverter be this step's
+                raise ConfigError(f"--resume {checkpoint} is at step {self.step}, past the {stage.name} stage's max_steps "
+                                  f"{stage_config.max_steps}: raise max_steps, or resume from an earlier step_N folder")
             self.expansion.load_state_dict(loaded.state["expansion"])
             self.expansion.check_applied(models.inverter)
             rng = loaded.rng
@@ -275,6 +278,7 @@ class Trainer:
         try:
             while self.step < max_steps:
                 lr = self.optimizer.param_groups[0]["lr"]  # the step's own LR (the scheduler moves it on)
+                multipliers = list(self.inverter.config.attention_multipliers)  # the step's own (an expansion follows it)
                 loss, metrics = self.train_step()
                 self.step += 1
                 losses.append(loss)
@@ -285,8 +289,7 @@ class Trainer:
                 if factors is not None:
                     self._expand(factors)
                 if self.step % self.log_every == 0 or self.step == max_steps:
-                    log.log(self.step, loss, lr,
-                            self.inverter.config.attention_multipliers, {k: float(v) for k, v in metrics.items()})
+                    log.log(self.step, loss, lr, multipliers, {k: float(v) for k, v in metrics.items()})
                 log.progress(self.step, loss)
                 if self.step % self.save_every == 0 or self.step == max_steps:
                     last_saved = self.save()
