@@ -79,10 +79,15 @@ def check_writable_destination(path: Union[str, Path]) -> None:
     path = Path(path)
     if path.is_dir():
         raise ConfigError(f"{path} is a folder: give the file to write in it, e.g. {path / 'NAME.safetensors'}")
-    nearest = next(folder for folder in (path.parent, *path.parent.parents) if folder.exists())
+    nearest = next((folder for folder in (path.parent, *path.parent.parents) if folder.exists()), None)
+    if nearest is None:
+        raise ConfigError(f"cannot write {path}: no such drive or folder")
     if not nearest.is_dir():
         raise ConfigError(f"cannot write {path}: {nearest} is a file, not a folder")
-    _new_file_beside(nearest / path.name).unlink()  # the folders below it are made when written
+    if nearest == path.parent:
+        _new_file_beside(path).unlink()
+    elif not os.access(nearest, os.W_OK | os.X_OK):  # the folders are made first: C:\ takes those, not files
+        raise WriteError(f"cannot write {path}: no permission to make folders in {nearest}")
 
 
 def write_failed(path: Path, exc: BaseException) -> WriteError:
@@ -158,7 +163,7 @@ def read_metadata(path: Union[str, Path]) -> dict[str, str]:
         raise ModelFileMissingError(f"{path} is a folder: give the AdaFace inverter .safetensors file in it")
     if not path.is_file():
         raise ModelFileMissingError(f"AdaFace checkpoint not found: {path}")
-    if path.suffix in (".pt", ".ckpt", ".bin", ".pth") and (path.parent / "inverter.safetensors").is_file():
+    if path.name == "trainer_state.pt" or path.name.startswith("rng_rank"):
         raise CheckpointError(f"{path.name} is not an inverter: give the inverter.safetensors beside it "
                               f"({path.parent / 'inverter.safetensors'})")  # a trainer checkpoint's other files
     if path.suffix in (".pt", ".ckpt", ".bin", ".pth"):

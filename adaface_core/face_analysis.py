@@ -116,7 +116,7 @@ class IdentityResult:
     def report(self) -> str:
         """The photos used and every note, one per line: what a host shows the user beside the result."""
         total = len(self.faces) + len(self.skipped_names)
-        used = f"{len(self.faces)} of {total} photos used ({_listed(self.used_names)})"
+        used = f"{len(self.faces)} of {total} photo{'s' if total > 1 else ''} used ({_listed(self.used_names)})"
         return "\n".join([used + ("" if self.notes else "; nothing to check"), *self.notes])
 
 
@@ -357,10 +357,10 @@ class FaceAnalyzer:
         strangers = _stranger_notes(faces)
         for note in left_out + strangers:
             logger.warning("%s", note)
-        small = [note for note in map(_small_face_note, faces) if note]  # analyze() has logged these
+        small = [note for note in map(_small_face_note, faces) if note]  # analyze() has logged these, first
         return IdentityResult(
             embedding=average_identity([face.normed_embedding for face in faces]),
             faces=faces,
             skipped_names=skipped,
-            notes=left_out + small + strangers,
+            notes=small + left_out + strangers,
         )

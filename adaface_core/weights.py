@@ -49,14 +49,18 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
                                       f"code): it asks for {wanted.group(1)}") from exc
             reason = ("not a torch checkpoint" if git_lfs_hint(path) else "the safe loader cannot read its pickle (pickle "
                       "protocol 4 or later, or a damaged or foreign file): re-save its tensors as .safetensors")
-        elif not git_lfs_hint(path):  # torch's own words for a cut-off file are an empty EOFError or "Invalid argument"
+        elif not git_lfs_hint(path) and not isinstance(exc, PermissionError):
+            # torch's own words for a cut-off file are an empty EOFError or "Invalid argument"
             reason = f"truncated or corrupt ({reason or type(exc).__name__}): download it again"
         raise CheckpointError(f"cannot read weights from {path}: {reason}.{git_lfs_hint(path)}") from exc
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
         raise CheckpointError(f"{path} does not hold a state dict")
-    return {key: value for key, value in state.items() if isinstance(value, torch.Tensor)}  # not a saved epoch count
+    tensors = {key: value for key, value in state.items() if isinstance(value, torch.Tensor)}  # not a saved epoch count
+    if not tensors:
+        raise CheckpointError(f"{path} holds no tensors at its top level (keys: {', '.join(map(str, list(state)[:6]))})")
+    return tensors
 
 
 def strip_prefix(state: dict[str, torch.Tensor], prefixes: Iterable[str], probe: str) -> dict[str, torch.Tensor]:

@@ -27,7 +27,8 @@ from common import REPO, base_parser, report, resolve, spec_for, time_interleave
 from face_pipeline import FACES  # noqa: E402
 
 from adaface_core.tiny_models import write_vae_folder  # noqa: E402
-from trainer.data import IMAGE_SUFFIXES, FaceImages, downsample_mask  # noqa: E402
+from adaface_core.image_io import PHOTO_SUFFIXES  # noqa: E402
+from trainer.data import FaceImages, downsample_mask  # noqa: E402
 from trainer.models import vae_latents  # noqa: E402
 from trainer.photo_latents import PhotoLatents  # noqa: E402
 
@@ -63,7 +64,7 @@ def image_size(path: Path) -> tuple[int, int]:
 def training_photos(root: Path, count: int, min_side: int) -> dict[Path, tuple[int, int]]:
     """``count`` photos at least ``min_side`` px on their shorter side, with their sizes (largest first, so the
     cost is not flattered)."""
-    sizes = {p: image_size(p) for p in sorted(root.rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES}
+    sizes = {p: image_size(p) for p in sorted(root.rglob("*")) if p.suffix.lower() in PHOTO_SUFFIXES}
     usable = sorted((p for p, wh in sizes.items() if min(wh) >= min_side), key=lambda p: -sizes[p][0] * sizes[p][1])
     if len(usable) < count:
         raise SystemExit(f"need {count} photos of at least {min_side} px under {root}, found {len(usable)}")

@@ -57,7 +57,7 @@ def face_pack(tmp_path_factory, tiny_models) -> Path:
 @pytest.fixture
 def read_only_folder(monkeypatch):
     """Makes a folder refuse new files as a read-only mount does (chmod would not stop a test run as root)."""
-    real_open = os.open
+    real_open, real_access = os.open, os.access
 
     def refuse_in(folder: Path) -> Path:
         def guarded_open(path, flags, *args):
@@ -65,8 +65,12 @@ def read_only_folder(monkeypatch):
                 raise PermissionError(13, "Permission denied", str(path))
             return real_open(path, flags, *args)
 
+        def guarded_access(path, mode, **kwargs):
+            return not (mode & os.W_OK and Path(path) == folder) and real_access(path, mode, **kwargs)
+
         folder.mkdir(parents=True, exist_ok=True)
         monkeypatch.setattr(os, "open", guarded_open)
+        monkeypatch.setattr(os, "access", guarded_access)
         return folder
 
     return refuse_in

@@ -110,6 +110,8 @@ def test_an_output_that_cannot_work_is_refused_before_any_model_loads(tmp_path, 
     assert not list(tmp_path.glob("*.safetensors")) and not (tmp_path / "new.safetensors").exists()
     refused = error_for(read_only_folder(tmp_path / "mounted") / "x.safetensors")
     assert "cannot write" in refused and "x.safetensors: Permission denied" in refused and ".tmp" not in refused
+    assert "no permission to make folders in" in error_for(tmp_path / "mounted" / "new" / "x.safetensors")
+    assert not (tmp_path / "mounted" / "new").exists()
 
 
 def test_a_tilde_in_the_output_is_the_home_folder(tmp_path, tiny_models, face_pack, monkeypatch):

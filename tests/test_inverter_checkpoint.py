@@ -143,6 +143,8 @@ def test_pickled_checkpoint_points_to_the_converter(tmp_path):
     (tmp_path / "trainer_state.pt").write_bytes(b"\x80\x02}q\x00.")
     with pytest.raises(CheckpointError, match=r"trainer_state.pt is not an inverter: give the inverter.safetensors beside it"):
         load_inverter(tmp_path / "trainer_state.pt")
+    with pytest.raises(CheckpointError, match="python -m adaface_core.convert official.pt"):  # a release beside it
+        load_inverter(path)
 
 
 def test_textual_inversion_file_has_both_keys_and_loads_in_diffusers(tmp_path, tiny_models):
@@ -296,6 +298,9 @@ def test_a_cut_off_encoder_download_is_named_and_extra_entries_are_ignored(tmp_p
     loaded = Arc2FaceEncoder.from_folder(folder, tokenizer)
     for (name, mine), (_, theirs) in zip(loaded.state_dict().items(), encoder.state_dict().items()):
         assert torch.equal(mine, theirs), name
+    torch.save({"model": state, "epoch": 3}, weights)  # a training script's nesting: named, not "no weights found"
+    with pytest.raises(CheckpointError, match=r"holds no tensors at its top level \(keys: model, epoch\)"):
+        Arc2FaceEncoder.from_folder(folder, tokenizer)
 
 
 def test_a_corrupt_encoder_config_names_the_file(tmp_path, tiny_models):

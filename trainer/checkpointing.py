@@ -238,7 +238,7 @@ def _read_plain(path: Path, what: str) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise CheckpointError(f"cannot read the {what} {path}: {exc or type(exc).__name__}; resume from another "
+        raise CheckpointError(f"cannot read the {what} {path}: {str(exc) or type(exc).__name__}; resume from another "
                               "checkpoint (--resume its step_N folder)") from exc
 
 

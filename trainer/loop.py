@@ -186,9 +186,6 @@ class Trainer:
             models.inverter = loaded.inverter.float().to(models.device)
             models.inverter.freeze_embeddings()
             self.step = int(loaded.state["step"])
-            if self.step > stage_config.max_steps:  # it would stop at once, and its final inverter be this step's
-                raise ConfigError(f"--resume {checkpoint} is at step {self.step}, past the {stage.name} stage's max_steps "
-                                  f"{stage_config.max_steps}: raise max_steps, or resume from an earlier step_N folder")
             self.expansion.load_state_dict(loaded.state["expansion"])
             self.expansion.check_applied(models.inverter)
             rng = loaded.rng

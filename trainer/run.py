@@ -144,21 +144,40 @@ def stale_stage2(resumed: dict[str, Optional[Path]], face_steps: int) -> Optiona
     return origin if origin and origin != stage1_origin(face_steps) else None
 
 
-def check_output(args: argparse.Namespace, output: Path, stages: list[str], face_steps: int = 0) -> OutputCleanup:
+def past_max_steps(resumed: dict[str, Optional[Path]], max_steps: dict[str, int]) -> Optional[str]:
+    """The refusal for a resume whose checkpoint is past the stage's ``max_steps`` now in force: it would stop
+    at once and call that step final."""
+    from adaface_core.checkpoint import read_metadata
+    from trainer.checkpointing import INVERTER_FILE
+
+    for name, checkpoint in resumed.items():
+        metadata = read_metadata(checkpoint / INVERTER_FILE) if checkpoint is not None else {}
+        step = int(metadata.get("step", 0))
+        if metadata.get("stage") == name and step > max_steps[name]:
+            return (f"--resume {checkpoint} is at step {step}, past the {name} stage's max_steps {max_steps[name]}: "
+                    "raise max_steps, or resume from an earlier step_N folder")
+    return None
+
+
+def check_output(args: argparse.Namespace, output: Path, max_steps: dict[str, int]) -> OutputCleanup:
     """Refuses a missing ``--resume`` folder, a fresh start over an earlier run (unless ``--overwrite``, or
     the smoke preset in its default folder), a resume from an older checkpoint that leaves later ones
-    behind (unless ``--overwrite``) and a stage 2 resumed on top of another stage-1 result; returns what
-    to delete."""
+    behind (unless ``--overwrite``) or past ``max_steps``, and a stage 2 resumed on top of another stage-1
+    result; returns what to delete. ``max_steps``: each stage to run, with its steps."""
     from adaface_core.errors import ConfigError
 
     from trainer.checkpointing import find_resume_checkpoint
 
     if args.resume is not None and not args.resume.exists():
         raise ConfigError(f"--resume {args.resume}: no such folder (give the output folder of the run to continue)")
-    resumed = {name: find_resume_checkpoint(args.resume, name) if args.resume is not None else None for name in stages}
+    resumed = {name: find_resume_checkpoint(args.resume, name) if args.resume is not None else None for name in max_steps}
     if args.resume is not None and not any(resumed.values()):
-        raise ConfigError(f"--resume {args.resume}: no {' or '.join(stages)} checkpoint there (give the run's output "
+        raise ConfigError(f"--resume {args.resume}: no {' or '.join(max_steps)} checkpoint there (give the run's output "
                           "folder, a stage folder, its checkpoints/ folder or one step_* folder)")
+    refusal = past_max_steps(resumed, max_steps)
+    if refusal is not None:
+        raise ConfigError(refusal)
+    face_steps = max_steps.get("face", 0)
     origin = stale_stage2(resumed, face_steps)
     if origin is not None:
         raise ConfigError(f"--resume {args.resume}: its stage-2 checkpoints were trained from stage 1 at {origin}, but "
@@ -248,7 +267,8 @@ def main(argv: Optional[list[str]] = None) -> RunResult:
         return RunResult(Path(config.run.output))
     output = Path(config.run.output)
     stages = ["face", "composition"] if config.stage == "both" else [config.stage]
-    cleanup = check_output(args, output, stages, config.face.max_steps)
+    steps = {"face": config.face.max_steps, "composition": config.composition.max_steps if config.composition else 0}
+    cleanup = check_output(args, output, {name: steps[name] for name in stages})
     accelerator = make_accelerator(config)
     if not accelerator.is_main_process:
         logging.getLogger().setLevel(logging.WARNING)  # one copy of the INFO lines
