@@ -277,7 +277,7 @@ def test_code_in_the_encoders_pytorch_model_bin_is_refused_and_never_run(tmp_pat
         Arc2FaceEncoder.from_folder(folder, load_clip_tokenizer(tiny_models.tokenizer))
 
 
-def test_a_cut_off_encoder_download_is_named_and_extra_entries_are_ignored(tmp_path, tiny_models, encoder):
+def test_a_cut_off_encoder_download_is_named_and_extra_entries_are_ignored(tmp_path, tiny_models, encoder, monkeypatch):
     """An interrupted download leaves an empty or short ``pytorch_model.bin``; torch's own words for it are an
     empty EOFError or "Invalid argument". A training script's file can carry a step count beside the tensors."""
     import shutil
@@ -298,6 +298,14 @@ def test_a_cut_off_encoder_download_is_named_and_extra_entries_are_ignored(tmp_p
     loaded = Arc2FaceEncoder.from_folder(folder, tokenizer)
     for (name, mine), (_, theirs) in zip(loaded.state_dict().items(), encoder.state_dict().items()):
         assert torch.equal(mine, theirs), name
+    def unreadable(*args, **kwargs):  # a file of another user on a shared server (chmod cannot stop root here)
+        raise PermissionError(13, "Permission denied", str(weights))
+
+    with monkeypatch.context() as patch:
+        patch.setattr(torch, "load", unreadable)
+        with pytest.raises(CheckpointError, match="Permission denied") as denied:
+            Arc2FaceEncoder.from_folder(folder, tokenizer)
+    assert "download it again" not in str(denied.value)
     torch.save({"model": state, "epoch": 3}, weights)  # a training script's nesting: named, not "no weights found"
     with pytest.raises(CheckpointError, match=r"holds no tensors at its top level \(keys: model, epoch\)"):
         Arc2FaceEncoder.from_folder(folder, tokenizer)
