@@ -29,7 +29,8 @@ class AdaFaceFaceEmbed:
     DESCRIPTION = (
         "Finds the face in each reference photo and turns the person into AdaFace subject tokens. "
         "Several photos of one person (an image batch, or a list of photos of different sizes) are averaged "
-        "into one subject; photos without a face are skipped with a warning. The same photos are only analysed once."
+        "into one subject; photos without a face are skipped and named in the report output (and the console). "
+        "The same photos are only analysed once."
     )
     CATEGORY = CATEGORY
     RETURN_TYPES = (ADAFACE_SUBJECT, "IMAGE", "STRING")

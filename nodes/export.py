@@ -35,14 +35,14 @@ class AdaFaceSaveEmbedding:
                 "subject": (ADAFACE_SUBJECT, {"tooltip": "The person to save."}),
                 "name": ("STRING", {"default": "adaface_subject", "tooltip": "File name (letters, digits, _ - .); the prompt word becomes embedding:NAME."}),
                 "id_strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 2.0, "step": 0.05, "tooltip": "Identity strength baked into the file (1 as trained)."}),
-                "overwrite": ("BOOLEAN", {"default": False, "tooltip": "Replace an embedding of the same name; off, an existing file stops the run."}),
+                "overwrite": ("BOOLEAN", {"default": False, "tooltip": "Replace an embedding of the same name; off, an existing file holding another subject stops the run."}),
             }
         }
 
     @classmethod
     def IS_CHANGED(cls, subject: object, name: str | None, id_strength: object, overwrite: object) -> str:
-        """Saves again when the file was deleted or replaced since: ComfyUI would otherwise reuse the last run
-        and write nothing. The queue after a save runs the node (and what uses ``prompt_word``) once more,
+        """Runs again when the file was deleted or replaced since (ComfyUI would otherwise reuse the last run):
+        a deleted file is written again, a replaced one is kept if it holds this subject. The queue after a save runs the node (and what uses ``prompt_word``) once more,
         since its file appeared; it then finds the subject already there and writes nothing. A name linked
         from another node (None here) is not followed."""
         if not isinstance(name, str):

@@ -88,7 +88,7 @@ class AdaFaceLoader:
                 ),
                 "provider": (
                     list(PROVIDERS),
-                    {"default": "auto", "tooltip": "Where face detection runs (onnxruntime); auto uses the GPU when ComfyUI runs on one and this onnxruntime supports it, else the CPU."},
+                    {"default": "auto", "tooltip": "Where face detection runs (onnxruntime); auto: CUDA or ROCm when ComfyUI runs on a GPU and this onnxruntime offers it, else the CPU. DirectML and CoreML only when chosen."},
                 ),
             }
         }
