@@ -42,9 +42,10 @@ class AdaFaceSaveEmbedding:
     @classmethod
     def IS_CHANGED(cls, subject: object, name: str | None, id_strength: object, overwrite: object) -> str:
         """Runs again when the file was deleted or replaced since (ComfyUI would otherwise reuse the last run):
-        a deleted file is written again, a replaced one is kept if it holds this subject. The queue after a save runs the node (and what uses ``prompt_word``) once more,
-        since its file appeared; it then finds the subject already there and writes nothing. A name linked
-        from another node (None here) is not followed."""
+        a deleted file is written again, a replaced one is kept if it holds this subject. The queue after a
+        save runs the node (and what uses ``prompt_word``) once more, since its file appeared; it then finds
+        the subject already there and writes nothing. A name linked from another node (None here) is not
+        followed."""
         if not isinstance(name, str):
             return "linked"
         try:
