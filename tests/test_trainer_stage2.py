@@ -14,14 +14,15 @@ from adaface_core.errors import ConfigError
 from adaface_core.tiny_face_models import tiny_face_photo, write_tiny_face_pack
 from adaface_core.tokenizer import load_clip_tokenizer
 from test_trainer_loop import make_config, models_root, run_cli, write_config  # noqa: F401 (fixture)
-from trainer.compositions import build_prompts, load_composition_pool, sample_prompts
-from trainer.config import StageConfig
+from trainer.compositions import CompositionPool, build_prompts, load_composition_pool, sample_prompts
+from trainer.config import StageConfig, TrainConfig
 from trainer.data import FaceImages
 from trainer.face_space import FaceSpace
 from trainer.face_masks import attach_detector_masks, ellipse_mask
 from trainer.loop import SimulatedCrash
 from trainer.models import Models
-from trainer.stage_composition import CompositionStage, composition_settings, split_pool
+from trainer.stage_composition import (CompositionStage, check_prompts, composition_settings, heldout_settings,
+                                      split_pool)
 
 
 def stage2_config(models_root, output, stage="composition", steps=12, face_steps=3):
@@ -119,10 +120,56 @@ def test_heldout_compositions_never_trained_and_settings_checked():
     for empty in ({"heldout_batches": 0}, {"heldout_size": 0}):  # a ZeroDivisionError after all of stage 1, before
         with pytest.raises(ConfigError, match="heldout_size and heldout_batches must be >= 1"):
             composition_settings(StageConfig(extra=empty))
+    # The held-out figures follow the held-out compositions themselves: a pool file edited between a crash
+    # and its resume picks others, and the start must be measured again on them.
+    base = TrainConfig()
+    assert heldout_settings(settings, base, "z", held) != heldout_settings(settings, base, "z", split_pool(
+        load_composition_pool(), 9)[1])
+    # Values that would train the wrong thing without a word, or fail only after stage 1.
+    for extra, message in [
+        ({"weights": {"delta_prompt": -1.0}}, r"weights must be >= 0 \(a negative one climbs its loss\)"),
+        ({"weights": {"delta_attn_out": 0.0, "delta_attn_map": 0.0, "delta_prompt": 0.0}}, "with a delta term above 0"),
+        ({"capture_layers": []}, "capture_layers must name a layer"),
+        ({"class_word": "  "}, "class_word a word"),
+        ({"heldout_compositions": 0}, "heldout_compositions be >= 1"),
+        ({"face_loss_bound": float("nan")}, "face_loss_bound a number"),
+        ({"template": "a photo of{subject}"}, "as a word of its own"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            composition_settings(StageConfig(extra=extra))
     # Only {subject} is a slot: other braces in a template are kept as the user wrote them.
     quad = build_prompts("in the rain", "woman", "z", "a {vintage} photo of {subject}")
     assert quad.subject_comp == "a {vintage} photo of z in the rain"
     assert quad.class_single == "a {vintage} photo of a woman"
+
+
+def test_prompts_stage_2_would_fail_on_at_some_later_step_are_refused_before_stage_1(models_root, tmp_path,
+                                                                                      tiny_models):
+    """A composition is drawn at random: one too long for the subject tokens, or one holding the placeholder
+    as a word, used to stop the run at whichever step first drew it, with a message naming neither."""
+    tokenizer = load_clip_tokenizer(tiny_models.tokenizer)
+    settings = composition_settings(StageConfig())
+    pool = CompositionPool({"mine": ["in the rain", "wearing " + "a red hat and a blue scarf " * 8, "next to a z sign"]})
+    with pytest.raises(ConfigError, match=r"placeholder 'z' is also a word of 1 composition\(s\) \(next to a z sign\)"):
+        check_prompts(pool, settings, "z", tokenizer, 16)
+    with pytest.raises(ConfigError, match=r"1 composition\(s\) leave no room for the 16 subject tokens in 77 positions"):
+        check_prompts(pool, settings, "sks", tokenizer, 16)
+    with pytest.raises(ConfigError, match=r"template 'a photo of \{subject\}' holds the placeholder 'a' already"):
+        check_prompts(pool, settings, "a", tokenizer, 16)
+    with pytest.raises(ConfigError, match="'zqxjvk' is [2-9] tokens"):
+        check_prompts(pool, settings, "zqxjvk", tokenizer, 16)
+    with pytest.raises(ConfigError, match="heldout_compositions 8 leaves none of the 1 compositions"):
+        check_prompts(CompositionPool({"mine": ["in the rain"]}), settings, "z", tokenizer, 16)
+    # Through the command line, a --stage both run stops before stage 1 trains; so does a missing pool file.
+    extra = tmp_path / "mine.txt"
+    extra.write_text("[mine]\nnext to a z sign\n", encoding="utf-8")
+    for files, message in (([str(extra)], "placeholder 'z' is also a word"),
+                           ([str(tmp_path / "gone.txt")], r"composition file not found: .*gone.txt")):
+        values = stage2_config(models_root, tmp_path / "run", stage="both")
+        values["composition"]["extra"]["composition_files"] = files
+        with pytest.raises(ConfigError if "placeholder" in message else FileNotFoundError, match=message):
+            run_cli(write_config(tmp_path / "c.yaml", values))
+        assert not (tmp_path / "run" / "face" / "checkpoints").exists()
 
 
 def test_photo_without_mask_gets_detector_ellipse(tmp_path):
@@ -180,7 +227,7 @@ def test_class_word_comes_from_the_subjects_class_txt(tmp_path):
     root = tmp_path / "faces"
     (root / "anna" / "2019").mkdir(parents=True)
     (root / "bob").mkdir()
-    (root / "anna" / "class.txt").write_text("\nwoman\n", encoding="utf-8")
+    (root / "anna" / "class.txt").write_text("\n# the class word of this folder\nwoman\n", encoding="utf-8")
     paths = [root / "anna" / "2019" / "a.png", root / "bob" / "b.png"]
     for path in paths:
         Image.fromarray(tiny_face_photo(64)).save(path)

@@ -17,7 +17,7 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
-from adaface_core.errors import ConfigError
+from adaface_core.errors import ConfigError, ModelFileMissingError
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +37,12 @@ def fill_subject(template: str, subject: str) -> str:
 
 
 def has_one_subject_slot(template: str) -> bool:
-    return template.count(SUBJECT_SLOT) == 1
+    """One ``{subject}``, standing as a word of its own: 'of{subject}' would tokenize as one glued word, and
+    the subject's tokens would not line up with the class prompt's."""
+    if template.count(SUBJECT_SLOT) != 1:
+        return False
+    before, after = template.split(SUBJECT_SLOT)
+    return not (before[-1:].isalnum() or after[:1].isalnum())
 
 
 @dataclass
@@ -95,6 +100,8 @@ def load_composition_pool(
     pool = CompositionPool()
     files = ([DEFAULT_POOL_FILE] if include_default else []) + [Path(p) for p in extra_files]
     for path in files:
+        if not Path(path).is_file():
+            raise ModelFileMissingError(f"composition file not found: {path} (composition.extra.composition_files)")
         pool.merge(parse_compositions(Path(path).read_text(encoding="utf-8-sig"), source=str(path)))
     if categories is not None:
         unknown = set(categories) - set(pool.categories)

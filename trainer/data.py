@@ -343,14 +343,15 @@ class FaceImages:
 
 
 def _read_class_word(file: Path) -> Optional[str]:
-    """The first non-empty line, in UTF-8 (a BOM, as Notepad writes, is not part of the word)."""
+    """The first line that is neither empty nor a ``#`` comment, in UTF-8 (a BOM, as Notepad writes, is not
+    part of the word)."""
     if not file.is_file():
         return None
     try:
         text = file.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{file} is not UTF-8 text ({exc}); save it as UTF-8") from exc
-    lines = [" ".join(line.split()) for line in text.splitlines() if line.strip()]
+    lines = [" ".join(line.split()) for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
     return lines[0] if lines else None
 
 

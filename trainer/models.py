@@ -129,13 +129,22 @@ class Sd15Parts(NamedTuple):
     scheduler: Any
 
 
+def tokenizer_folder(config: TrainConfig) -> Path:
+    """Where the SD1.5 CLIP tokenizer is read from: ``models.tokenizer``, else the diffusers folder's own."""
+    if config.models.tokenizer:
+        return Path(config.models.tokenizer)
+    if single_file.is_single_file(config.models.sd15):
+        raise ModelFileMissingError(f"models.sd15 is a single file ({config.models.sd15}): {single_file.TOKENIZER_HELP}")
+    return Path(config.models.sd15) / "tokenizer"
+
+
 def _load_sd15_folder(config: TrainConfig, frozen_dtype: torch.dtype, need_vae: bool) -> Sd15Parts:
     """A diffusers SD1.5 folder (unet/ text_encoder/ tokenizer/ vae/ scheduler/); models.tokenizer may override."""
     from diffusers import AutoencoderKL, DDPMScheduler
 
     sd = Path(config.models.sd15)
     return Sd15Parts(
-        tokenizer=load_clip_tokenizer(config.models.tokenizer or sd / "tokenizer"),
+        tokenizer=load_clip_tokenizer(tokenizer_folder(config)),
         text_encoder=load_clip_text_folder(sd / "text_encoder"),
         unet=_load_unet(sd / "unet", "SD1.5", frozen_dtype),
         vae=AutoencoderKL.from_pretrained(str(sd / "vae"), local_files_only=True, torch_dtype=torch.float32)
@@ -146,9 +155,7 @@ def _load_sd15_folder(config: TrainConfig, frozen_dtype: torch.dtype, need_vae: 
 
 def _load_sd15_single_file(config: TrainConfig, frozen_dtype: torch.dtype, need_vae: bool) -> Sd15Parts:
     """An LDM-layout single file, read once; architecture configs from models.sd15_configs or the shipped SD1.5 ones."""
-    if not config.models.tokenizer:
-        raise ModelFileMissingError(f"models.sd15 is a single file ({config.models.sd15}): {single_file.TOKENIZER_HELP}")
-    tokenizer = load_clip_tokenizer(config.models.tokenizer)
+    tokenizer = load_clip_tokenizer(tokenizer_folder(config))
     configs = single_file.config_folder(config.models.sd15_configs)
     parts = single_file.read_sd15_file(config.models.sd15)
     logger.info("SD1.5 from the single file %s (architecture configs: %s)", parts.path, configs)

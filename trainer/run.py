@@ -259,9 +259,9 @@ def main(argv: Optional[list[str]] = None) -> RunResult:
     config = load_run_config(args)
     config.validate(check_paths=True)
     if config.stage in ("composition", "both"):
-        from trainer.stage_composition import composition_settings
+        from trainer.stage_composition import check_composition_inputs
 
-        composition_settings(config.composition)  # stage-2 knobs (composition.extra) fail before model loading
+        check_composition_inputs(config)  # stage-2 knobs, files and prompts fail before model loading
     if args.validate_only:
         logger.info("configuration is valid")
         return RunResult(Path(config.run.output))

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
@@ -26,6 +27,8 @@ import torch
 
 from adaface_core.devices import host_to_device
 from adaface_core.errors import ConfigError
+from adaface_core.inverter import InverterConfig
+from adaface_core.tokenizer import load_clip_tokenizer, single_token_id
 
 from .compositions import (DEFAULT_TEMPLATE, CompositionPool, PromptQuad, TokenAlignment, aligned_tokens, build_prompts,
                            has_one_subject_slot, load_composition_pool, sample_prompts)
@@ -36,7 +39,7 @@ from .feature_capture import select_cross_attention_layers
 from .loop import heldout_loss, precision_context
 from .losses_composition import CompositionLossWeights, composition_step, prompt_delta_weights
 from .losses_face import FaceDistillationLoss, FaceStage
-from .models import Models
+from .models import Models, tokenizer_folder
 from .prompt_cache import FrozenPromptCache
 from .stages import build_face_space, face_analyzer_factory, face_models_fingerprint, vae_downsampling
 
@@ -91,7 +94,59 @@ def composition_settings(stage_config: StageConfig) -> CompositionSettings:
         raise ConfigError("composition.extra: heldout_size and heldout_batches must be >= 1 and face_loss_bound > 0, "
                           f"got {settings.heldout_size}, {settings.heldout_batches} and {settings.face_loss_bound}")
     if not has_one_subject_slot(settings.template):
-        raise ConfigError(f"composition.extra.template must hold '{{subject}}' once, got {settings.template!r}")
+        raise ConfigError(f"composition.extra.template must hold '{{subject}}' once, as a word of its own, got "
+                          f"{settings.template!r}")
+    weights = dataclasses.asdict(settings.weights)
+    if any(not value >= 0 for value in weights.values()) or not any(settings.weights.delta_weights().values()):
+        raise ConfigError(f"composition.extra.weights must be >= 0 (a negative one climbs its loss), with a delta "
+                          f"term above 0, got {weights}")
+    if not settings.capture_layers or not settings.class_word.strip() or settings.heldout_compositions < 1 \
+            or not math.isfinite(settings.face_loss_bound):
+        raise ConfigError("composition.extra: capture_layers must name a layer, class_word a word, "
+                          "heldout_compositions be >= 1 and face_loss_bound a number, got "
+                          f"{settings.capture_layers}, {settings.class_word!r}, {settings.heldout_compositions} and "
+                          f"{settings.face_loss_bound}")
+    return settings
+
+
+def check_prompts(pool: CompositionPool, settings: CompositionSettings, placeholder: str, tokenizer,
+                  num_tokens: int, max_length: int = 77) -> None:
+    """Refuses what stage 2 would fail on at whichever step first drew it, hours in: a placeholder of several
+    tokens, or one the template or a composition already holds (a prompt must hold it once), and a
+    composition too long for the subject tokens within ``max_length`` positions. Also a held-out share
+    that leaves no training composition."""
+    ids = single_token_id(tokenizer, placeholder)
+    if len(ids) != 1:
+        raise ConfigError(f"composition.loss.placeholder {placeholder!r} is {len(ids)} tokens; pick a word that is "
+                          "one CLIP token (e.g. 'z')")
+    if ids[0] in single_token_id(tokenizer, settings.template.replace("{subject}", "")):
+        raise ConfigError(f"composition.extra.template {settings.template!r} holds the placeholder {placeholder!r} "
+                          "already: choose another placeholder")
+    holding, too_long = [], []
+    for composition in pool.entries:
+        if ids[0] in single_token_id(tokenizer, composition):
+            holding.append(composition)
+        prompt = build_prompts(composition, placeholder=placeholder, template=settings.template).subject_comp
+        if len(single_token_id(tokenizer, prompt)) - 1 + num_tokens + 2 > max_length:  # + start and end tokens
+            too_long.append(composition)
+    if holding:
+        raise ConfigError(f"the placeholder {placeholder!r} is also a word of {len(holding)} composition(s) "
+                          f"({'; '.join(holding[:3])}): choose another placeholder (composition.loss.placeholder)")
+    if too_long:
+        raise ConfigError(f"{len(too_long)} composition(s) leave no room for the {num_tokens} subject tokens in "
+                          f"{max_length} positions: shorten them ({'; '.join(too_long[:3])})")
+    if settings.heldout_compositions >= len(pool):
+        raise ConfigError(f"composition.extra.heldout_compositions {settings.heldout_compositions} leaves none of "
+                          f"the {len(pool)} compositions to train on")
+
+
+def check_composition_inputs(config: TrainConfig) -> CompositionSettings:
+    """Stage 2's settings, files and prompts, checked before any model loads (a ``--stage both`` run would
+    otherwise meet a mistake only after stage 1)."""
+    settings = composition_settings(config.composition)
+    pool = load_composition_pool(settings.composition_files)
+    check_prompts(pool, settings, config.composition.loss.placeholder, load_clip_tokenizer(tokenizer_folder(config)),
+                  InverterConfig().num_tokens)
     return settings
 
 
@@ -229,12 +284,15 @@ DELTA_REVISION = 2
 run resumed from an older version measures its held-out start again instead of comparing across the change."""
 
 
-def heldout_settings(settings: CompositionSettings, config: TrainConfig, placeholder: str) -> dict:
-    """What the held-out figures depend on (the training-only knobs left out): a resume under other values
-    measures the stage's start again (``HeldoutReport``)."""
+def heldout_settings(settings: CompositionSettings, config: TrainConfig, placeholder: str,
+                     heldout_pool: CompositionPool) -> dict:
+    """What the held-out figures depend on (the training-only knobs left out), the held-out compositions
+    themselves included (a file edited since picks others): a resume under other values measures the
+    stage's start again (``HeldoutReport``)."""
     measured = {k: v for k, v in dataclasses.asdict(settings).items() if k not in ("random_id_prob", "face_loss_bound")}
     measured["weights"].pop("face_preserve")  # the held-out draws weigh the delta terms only
-    return dict(measured, placeholder=placeholder, face_loss=dataclasses.asdict(config.face.loss),
+    return dict(measured, placeholder=placeholder, heldout_entries=heldout_pool.entries,
+                face_loss=dataclasses.asdict(config.face.loss),
                 image_size=config.data.image_size, delta_revision=DELTA_REVISION)
 
 
@@ -245,13 +303,15 @@ def build_stage(config: TrainConfig, stage_config: StageConfig, models: Models, 
         with accelerator.main_process_first():  # process 0 runs the detector and caches; the others read the cache
             attach_detector_masks(face_space.images, face_analyzer_factory(config), output / "face_boxes.json",
                                   face_models_fingerprint(config))
-    pool, heldout_pool = split_pool(load_composition_pool(settings.composition_files), settings.heldout_compositions)
+    full_pool = load_composition_pool(settings.composition_files)
+    check_prompts(full_pool, settings, stage_config.loss.placeholder, models.tokenizer, models.inverter.config.num_tokens)
+    pool, heldout_pool = split_pool(full_pool, settings.heldout_compositions)
     latent = config.data.image_size // vae_downsampling(models)
     face_loss = FaceDistillationLoss(config.face.loss, latent)
     placeholder = stage_config.loss.placeholder
     T = models.num_train_timesteps
     stage = CompositionStage(face_space, pool, settings, placeholder, face_loss, T)
-    stage.heldout_settings = heldout_settings(settings, config, placeholder)
+    stage.heldout_settings = heldout_settings(settings, config, placeholder, heldout_pool)
     # Held out: random IDs only (never a training photo), the held-out compositions, delta terms only.
     heldout_ids = FaceSpace(None, models.id_dim, 1.0, 0.0, seed=settings.heldout_seed)
     delta_only = dataclasses.replace(settings.weights, face_preserve=0.0)
