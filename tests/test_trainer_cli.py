@@ -45,6 +45,26 @@ def test_smoke_preset_end_to_end(tmp_path):
         assert "the face in" in log
 
 
+def test_the_smoke_preset_over_the_users_own_photos_checks_its_result_on_them(tmp_path):
+    """``--preset smoke --config`` with another data.root: the final check used to look for the preset's
+    astronaut there, after both stages had trained."""
+    from helpers_faces import require_buffalo_s_pack, require_faces
+
+    faces = require_faces()
+    require_buffalo_s_pack(tmp_path / "probe")  # the smoke preset finds its faces with buffalo_s
+    photos = tmp_path / "mine" / "obama"
+    photos.mkdir(parents=True)
+    shutil.copy(faces / "labeled" / "Barack_Obama" / "obama.jpg", photos / "obama.jpg")
+    over = tmp_path / "over.yaml"
+    over.write_text(yaml.safe_dump({"data": {"root": str(tmp_path / "mine")}, "stage": "face",
+                                    "face": {"max_steps": 2, "expansion": {"enabled": False}}}), encoding="utf-8")
+    out = tmp_path / "smoke"
+    proc = subprocess.run([sys.executable, "trainer/run.py", "--preset", "smoke", "--config", str(over), "--output",
+                           str(out), "--no-progress"], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=170)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"the face in {photos / 'obama.jpg'}" in proc.stdout + proc.stderr
+
+
 def test_two_cpu_processes_agree(tiny_models, tmp_path):
     if shutil.which("accelerate") is None and not (Path(sys.executable).parent / "accelerate").is_file():
         pytest.skip("accelerate CLI not installed")

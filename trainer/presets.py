@@ -140,9 +140,14 @@ def smoke_check(config: TrainConfig, models, result, output: Path) -> dict:
     if config.models.face_pack and config.data.root:
         from adaface_core.face_analysis import FaceAnalyzer
 
+        from .data import scan_images
+
         faces = FaceAnalyzer.from_folder(config.models.face_pack, provider="cpu")
-        photo = Path(config.data.root) / "astronaut.png"
-        identity = faces.identity([str(photo)], [photo.name])
+        root = Path(config.data.root)
+        # The preset's astronaut, or (data.root laid over the preset) the user's own first photos with a face.
+        photos = [root / "astronaut.png"] if (root / "astronaut.png").is_file() else scan_images(root)[:8]
+        identity = faces.identity([str(p) for p in photos], [str(p.relative_to(root)) for p in photos])
+        photo = root / identity.used_names[0]
         vector = torch.as_tensor(identity.embedding, dtype=torch.float32)
         if vector.numel() > models.id_dim:  # tiny 64-wide models: the same fixed projection as training
             from .face_space import id_projection
