@@ -53,10 +53,7 @@ class Models:
         return encoded["input_ids"]
 
     def placeholder_id(self, word: str) -> int:
-        ids = single_token_id(self.tokenizer, word)
-        if len(ids) != 1:
-            raise ConfigError(f"the placeholder {word!r} is {len(ids)} tokens; pick a word that is one CLIP token (e.g. 'z')")
-        return ids[0]
+        return placeholder_token_id(self.tokenizer, word)
 
     def encode_with_subject(self, prompts: list[str], placeholder: str, subject: torch.Tensor) -> torch.Tensor:
         """``[B, 77, H]`` SD1.5 prompt embeddings with ``subject`` ``[B, N, H]`` spliced in at the placeholder."""
@@ -127,6 +124,14 @@ class Sd15Parts(NamedTuple):
     unet: torch.nn.Module
     vae: Optional[torch.nn.Module]
     scheduler: Any
+
+
+def placeholder_token_id(tokenizer: Any, word: str) -> int:
+    """The one CLIP token of the placeholder the subject tokens replace; a word of several is refused."""
+    ids = single_token_id(tokenizer, word)
+    if len(ids) != 1:
+        raise ConfigError(f"the placeholder {word!r} is {len(ids)} tokens; pick a word that is one CLIP token (e.g. 'z')")
+    return ids[0]
 
 
 def tokenizer_folder(config: TrainConfig) -> Path:

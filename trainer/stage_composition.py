@@ -25,6 +25,7 @@ from typing import Optional, Union
 
 import torch
 
+from adaface_core.checkpoint import read_metadata
 from adaface_core.devices import host_to_device
 from adaface_core.errors import ConfigError
 from adaface_core.inverter import InverterConfig
@@ -39,7 +40,7 @@ from .feature_capture import select_cross_attention_layers
 from .loop import heldout_loss, precision_context
 from .losses_composition import CompositionLossWeights, composition_step, prompt_delta_weights
 from .losses_face import FaceDistillationLoss, FaceStage
-from .models import Models, tokenizer_folder
+from .models import Models, placeholder_token_id, tokenizer_folder
 from .prompt_cache import FrozenPromptCache
 from .stages import build_face_space, face_analyzer_factory, face_models_fingerprint, vae_downsampling
 
@@ -115,19 +116,17 @@ def check_prompts(pool: CompositionPool, settings: CompositionSettings, placehol
     tokens, or one the template or a composition already holds (a prompt must hold it once), and a
     composition too long for the subject tokens within ``max_length`` positions. Also a held-out share
     that leaves no training composition."""
-    ids = single_token_id(tokenizer, placeholder)
-    if len(ids) != 1:
-        raise ConfigError(f"composition.loss.placeholder {placeholder!r} is {len(ids)} tokens; pick a word that is "
-                          "one CLIP token (e.g. 'z')")
-    if ids[0] in single_token_id(tokenizer, settings.template.replace("{subject}", "")):
+    placeholder_id = placeholder_token_id(tokenizer, placeholder)
+    if placeholder_id in single_token_id(tokenizer, settings.template.replace("{subject}", "")):
         raise ConfigError(f"composition.extra.template {settings.template!r} holds the placeholder {placeholder!r} "
                           "already: choose another placeholder")
     holding, too_long = [], []
     for composition in pool.entries:
-        if ids[0] in single_token_id(tokenizer, composition):
+        ids = single_token_id(tokenizer, build_prompts(composition, placeholder=placeholder,
+                                                       template=settings.template).subject_comp)
+        if ids.count(placeholder_id) > 1:  # the template's own is there once
             holding.append(composition)
-        prompt = build_prompts(composition, placeholder=placeholder, template=settings.template).subject_comp
-        if len(single_token_id(tokenizer, prompt)) - 1 + num_tokens + 2 > max_length:  # + start and end tokens
+        if len(ids) - 1 + num_tokens + 2 > max_length:  # the placeholder becomes the tokens; + start and end
             too_long.append(composition)
     if holding:
         raise ConfigError(f"the placeholder {placeholder!r} is also a word of {len(holding)} composition(s) "
@@ -145,8 +144,10 @@ def check_composition_inputs(config: TrainConfig) -> CompositionSettings:
     otherwise meet a mistake only after stage 1)."""
     settings = composition_settings(config.composition)
     pool = load_composition_pool(settings.composition_files)
+    start = config.models.init_inverter  # '' = a fresh inverter
+    num_tokens = (InverterConfig.from_json(read_metadata(start)["config"]) if start else InverterConfig()).num_tokens
     check_prompts(pool, settings, config.composition.loss.placeholder, load_clip_tokenizer(tokenizer_folder(config)),
-                  InverterConfig().num_tokens)
+                  num_tokens)
     return settings
 
 
@@ -303,9 +304,7 @@ def build_stage(config: TrainConfig, stage_config: StageConfig, models: Models, 
         with accelerator.main_process_first():  # process 0 runs the detector and caches; the others read the cache
             attach_detector_masks(face_space.images, face_analyzer_factory(config), output / "face_boxes.json",
                                   face_models_fingerprint(config))
-    full_pool = load_composition_pool(settings.composition_files)
-    check_prompts(full_pool, settings, stage_config.loss.placeholder, models.tokenizer, models.inverter.config.num_tokens)
-    pool, heldout_pool = split_pool(full_pool, settings.heldout_compositions)
+    pool, heldout_pool = split_pool(load_composition_pool(settings.composition_files), settings.heldout_compositions)
     latent = config.data.image_size // vae_downsampling(models)
     face_loss = FaceDistillationLoss(config.face.loss, latent)
     placeholder = stage_config.loss.placeholder
